@@ -1,0 +1,46 @@
+"""Model hyper-parameters as data (one dataclass; sizes derived, never stored twice)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a LLaMA-family model, read from GGUF `llama.*` metadata."""
+
+    n_vocab: int
+    dim: int  # embedding length
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads for grouped-query attention
+    head_dim: int
+    ffn_dim: int  # feed-forward hidden size
+    n_rot: int  # rotary dimensions per head (== head_dim for LLaMA)
+    rope_base: float
+    rms_eps: float
+    context_length: int  # the context the model was trained with
+    tied_embeddings: bool  # True when there is no output.weight and token_embd is reused
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_cache_bytes(self, n_ctx: int, kv_f16: bool = True) -> int:
+        """Bytes of the K and V caches for n_ctx positions."""
+        return 2 * self.n_layers * n_ctx * self.kv_dim * (2 if kv_f16 else 4)
+
+    def to_hparams(self) -> dict[str, int | float]:
+        """The dict the native core's Model constructor takes."""
+        d = asdict(self)
+        del d["context_length"], d["tied_embeddings"]
+        return d

@@ -1,0 +1,221 @@
+"""Open a GGUF v3 model file with mmap, validate it, and describe its weights.
+
+Everything read from the file is checked before the native core sees it: architecture,
+hyper-parameters, and every tensor's presence, shape and type. Errors name the file, the
+field, what was found and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from .config import ModelConfig
+from .errors import ModelFileError
+
+SUPPORTED_TYPES = {
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q8_0,
+}
+
+# Sanity bounds on hyper-parameters: far above any real LLaMA, low enough that a lying file
+# cannot make us allocate absurd buffers.
+MAX_DIM = 1 << 16
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 1 << 22
+MAX_FFN = 1 << 20
+
+
+@dataclass
+class Tensor:
+    """One weight as stored in the file: (rows, cols) with cols contiguous."""
+
+    name: str
+    type: GGMLQuantizationType
+    rows: int
+    cols: int
+    data: np.ndarray  # flat uint8 view of the mapped file (no copy)
+
+
+@dataclass
+class ModelFile:
+    path: Path
+    config: ModelConfig
+    metadata: dict[str, Any]
+    tensors: dict[str, Tensor] = field(repr=False)
+
+
+def _err(path: Path, what: str) -> ModelFileError:
+    return ModelFileError(f"{path}: {what}")
+
+
+def _contents(field_: Any) -> Any:
+    try:
+        return field_.contents()
+    except Exception:  # a field whose value gguf cannot decode: report it as absent/invalid
+        return None
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """GGUF metadata as plain Python values (strings, numbers, lists), header fields excluded."""
+    return {k: _contents(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _int_key(path: Path, md: dict[str, Any], key: str, lo: int, hi: int, default: Any = None) -> int:
+    value = md.get(key, default)
+    if value is None:
+        raise _err(path, f"missing metadata key '{key}' (an integer in [{lo}, {hi}])")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise _err(path, f"metadata key '{key}' = {value!r}, expected an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+def _float_key(path: Path, md: dict[str, Any], key: str, lo: float, hi: float, default: Any) -> float:
+    value = md.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise _err(path, f"metadata key '{key}' = {value!r}, expected a number in ({lo}, {hi})")
+    value = float(value)
+    if not (math.isfinite(value) and lo < value < hi):
+        raise _err(path, f"metadata key '{key}' = {value!r}, expected a number in ({lo}, {hi})")
+    return value
+
+
+def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = md.get("general.architecture")
+    if arch != "llama":
+        raise _err(path, f"metadata key 'general.architecture' = {arch!r}, expected 'llama'")
+    dim = _int_key(path, md, "llama.embedding_length", 1, MAX_DIM)
+    n_layers = _int_key(path, md, "llama.block_count", 1, MAX_LAYERS)
+    n_heads = _int_key(path, md, "llama.attention.head_count", 1, MAX_HEADS)
+    n_kv_heads = _int_key(path, md, "llama.attention.head_count_kv", 1, n_heads, default=n_heads)
+    if n_heads % n_kv_heads:
+        raise _err(path, f"metadata key 'llama.attention.head_count_kv' = {n_kv_heads}, "
+                         f"expected a divisor of head_count = {n_heads}")
+    if "llama.attention.key_length" in md:
+        head_dim = _int_key(path, md, "llama.attention.key_length", 2, MAX_HEAD_DIM)
+        v_len = _int_key(path, md, "llama.attention.value_length", 2, MAX_HEAD_DIM, default=head_dim)
+        if v_len != head_dim:
+            raise _err(path, f"metadata key 'llama.attention.value_length' = {v_len}, "
+                             f"expected key_length = {head_dim}")
+    else:
+        if dim % n_heads:
+            raise _err(path, f"embedding_length {dim} is not a multiple of head_count {n_heads} "
+                             "and 'llama.attention.key_length' is absent")
+        head_dim = dim // n_heads
+    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+        raise _err(path, f"head size {head_dim} must be even and at most {MAX_HEAD_DIM}")
+    n_rot = _int_key(path, md, "llama.rope.dimension_count", 2, head_dim, default=head_dim)
+    if n_rot % 2:
+        raise _err(path, f"metadata key 'llama.rope.dimension_count' = {n_rot}, expected even")
+    ffn_dim = _int_key(path, md, "llama.feed_forward_length", 1, MAX_FFN)
+    rope_base = _float_key(path, md, "llama.rope.freq_base", 0.0, 1e12, 10000.0)
+    rms_eps = _float_key(path, md, "llama.attention.layer_norm_rms_epsilon", 0.0, 1.0, None)
+    context_length = _int_key(path, md, "llama.context_length", 1, 1 << 24)
+    if md.get("llama.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensor_names:
+        raise _err(path, "RoPE scaling ('llama.rope.scaling.*' or rope_freqs.weight) is not supported")
+    tokens = md.get("tokenizer.ggml.tokens")
+    default_vocab = len(tokens) if isinstance(tokens, list) else None
+    n_vocab = _int_key(path, md, "llama.vocab_size", 1, MAX_VOCAB, default=default_vocab)
+    return ModelConfig(
+        n_vocab=n_vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, ffn_dim=ffn_dim, n_rot=n_rot, rope_base=rope_base, rms_eps=rms_eps,
+        context_length=context_length, tied_embeddings="output.weight" not in tensor_names,
+    )
+
+
+def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> GGUF shape (ne0 = contiguous length first), as the config implies."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (cfg.dim, cfg.n_vocab),
+        "output_norm.weight": (cfg.dim,),
+    }
+    if not cfg.tied_embeddings:
+        shapes["output.weight"] = (cfg.dim, cfg.n_vocab)
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (cfg.dim,),
+            p + "attn_q.weight": (cfg.dim, cfg.q_dim),
+            p + "attn_k.weight": (cfg.dim, cfg.kv_dim),
+            p + "attn_v.weight": (cfg.dim, cfg.kv_dim),
+            p + "attn_output.weight": (cfg.q_dim, cfg.dim),
+            p + "ffn_norm.weight": (cfg.dim,),
+            p + "ffn_gate.weight": (cfg.dim, cfg.ffn_dim),
+            p + "ffn_up.weight": (cfg.dim, cfg.ffn_dim),
+            p + "ffn_down.weight": (cfg.ffn_dim, cfg.dim),
+        }
+    return shapes
+
+
+def _tensor_bytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = math.prod(shape)
+    return n // block * size
+
+
+def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
+    """Open, validate and describe a GGUF v3 LLaMA model file (weights stay memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise _err(path, "no such model file" if not path.exists() else "not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise _err(path, "file is empty (0 bytes), expected a GGUF model file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise _err(path, f"not a GGUF file: starts with {magic!r}, expected b'GGUF'")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # gguf raises many kinds on corrupt input; all mean "bad file"
+        raise _err(path, f"corrupt or truncated GGUF file: {type(e).__name__}: {e}") from None
+    version = _contents(reader.fields["GGUF.version"]) if "GGUF.version" in reader.fields else None
+    if version != 3:
+        raise _err(path, f"GGUF version {version}, expected 3")
+    md = read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    if len(names) != len(reader.tensors):
+        raise _err(path, "duplicate tensor names in the tensor table")
+    cfg = _config_from_metadata(path, md, names)
+    expected = expected_tensor_shapes(cfg)
+    unexpected = sorted(names - expected.keys())
+    if unexpected:
+        raise _err(path, f"unexpected tensor(s) for a llama model: {', '.join(unexpected[:5])}")
+    tensors: dict[str, Tensor] = {}
+    by_name = {t.name: t for t in reader.tensors}
+    for name, shape in expected.items():
+        t = by_name.get(name)
+        if t is None:
+            raise _err(path, f"missing tensor '{name}' (expected shape {list(shape)})")
+        found = tuple(int(x) for x in t.shape)
+        if found != shape:
+            raise _err(path, f"tensor '{name}' has shape {list(found)}, expected {list(shape)}")
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        if qtype not in SUPPORTED_TYPES:
+            raise _err(path, f"tensor '{name}' has type {qtype.name}, expected one of "
+                             f"{', '.join(sorted(q.name for q in SUPPORTED_TYPES))}")
+        if len(shape) == 1 and qtype != GGMLQuantizationType.F32:
+            raise _err(path, f"tensor '{name}' has type {qtype.name}, expected F32 for a norm")
+        if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and shape[0] % 32:
+            raise _err(path, f"tensor '{name}' row length {shape[0]} is not a multiple of 32")
+        nbytes = _tensor_bytes(qtype, shape)
+        data = np.asarray(t.data).reshape(-1).view(np.uint8)
+        if data.size != nbytes or int(t.data_offset) + nbytes > size:
+            raise _err(path, f"tensor '{name}' data ({nbytes} bytes at offset {int(t.data_offset)})"
+                             f" runs past the end of the file ({size} bytes)")
+        rows = shape[1] if len(shape) == 2 else 1
+        tensors[name] = Tensor(name, qtype, rows, shape[0], data)
+    return ModelFile(path=path, config=cfg, metadata=md, tensors=tensors)

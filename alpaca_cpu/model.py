@@ -1,0 +1,80 @@
+"""`Model`: a validated GGUF file loaded into the native engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+from .gguf_file import open_model_file
+from .system import physical_cores
+
+
+class Model:
+    """A LLaMA-family model in the native engine, driven by token ids.
+
+    >>> m = Model("model.gguf", n_ctx=2048)
+    >>> logits = m.forward([1, 2, 3])            # (n_vocab,) for the last token
+    >>> rows = m.forward([4], start_pos=3, all_logits=True)   # (1, n_vocab)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], n_ctx: int = 2048,
+                 n_threads: int | None = None, kv_type: str = "f16") -> None:
+        if kv_type not in ("f16", "f32"):
+            raise ValueError(f"kv_type = {kv_type!r}, expected 'f16' or 'f32'")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+            raise ValueError(f"n_ctx = {n_ctx!r}, expected a positive integer")
+        if n_threads is None:
+            n_threads = physical_cores()
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= 1024:
+            raise ValueError(f"n_threads = {n_threads!r}, expected an integer in [1, 1024]")
+        mf = open_model_file(path)
+        self.path = mf.path
+        self.config: ModelConfig = mf.config
+        self.metadata: dict[str, Any] = mf.metadata
+        tensors = {name: (int(t.type), t.rows, t.cols, t.data) for name, t in mf.tensors.items()}
+        self._core = _core.Model(self.config.to_hparams(), tensors, n_ctx, n_threads,
+                                 kv_type == "f16")
+        # The native model owns repacked copies; drop the file mapping.
+        del tensors, mf
+
+    @property
+    def n_ctx(self) -> int:
+        return self._core.n_ctx
+
+    @property
+    def n_threads(self) -> int:
+        return self._core.n_threads
+
+    @property
+    def isa(self) -> str:
+        """The kernel set this model runs on (e.g. 'avx2')."""
+        return self._core.isa
+
+    def forward(self, tokens: Sequence[int] | np.ndarray, start_pos: int = 0,
+                all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens at positions start_pos.. and return float32 logits.
+
+        Returns (n_vocab,) for the last token, or (len(tokens), n_vocab) with all_logits.
+        Cache positions >= start_pos are overwritten (this is how to rewind).
+        """
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {arr.dtype}")
+        n_vocab = self.config.n_vocab
+        bad = (arr < 0) | (arr >= n_vocab)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"token id {int(arr[i])} at index {i} is outside [0, {n_vocab})")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
+            raise ValueError(f"start_pos = {start_pos!r}, expected an integer")
+        if start_pos < 0 or start_pos + arr.size > self.n_ctx:
+            raise ValueError(f"positions {start_pos}..{start_pos + arr.size - 1} do not fit the "
+                             f"context of {self.n_ctx} tokens")
+        return self._core.forward(arr.astype(np.int32), int(start_pos), bool(all_logits))

@@ -1,0 +1,223 @@
+// Thin pybind11 bindings: check arguments, release the GIL, forward to C++.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <thread>
+
+#include "dispatch.h"
+#include "model.h"
+
+namespace py = pybind11;
+using namespace alpaca;
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style>;
+
+static GgmlType to_type(int t) {
+  switch (t) {
+    case 0: case 1: case 2: case 3: case 8: case 9: return GgmlType(t);
+  }
+  throw std::invalid_argument("unsupported GGML type id " + std::to_string(t));
+}
+
+static const KernelTable* table(const std::string& isa) {
+  return isa.empty() ? active_kernels() : kernels_for(isa);
+}
+
+// Quantize (rows, cols) floats into GGML blocks, rows split over threads.
+static ByteArray quantize(const FloatArray& x, int type, int n_threads, const std::string& isa) {
+  if (x.ndim() != 2) throw std::invalid_argument("quantize: expected a 2-D float32 array");
+  const GgmlType t = to_type(type);
+  const int64_t rows = x.shape(0), cols = x.shape(1);
+  if (is_block_type(t) && cols % QK != 0)
+    throw std::invalid_argument("quantize: row length " + std::to_string(cols) +
+                                " is not a multiple of 32");
+  const KernelTable* k = table(isa);
+  const size_t rb = row_bytes(t, cols);
+  ByteArray out({rows, int64_t(rb)});
+  const float* src = x.data();
+  uint8_t* dst = out.mutable_data();
+  auto work = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* xr = src + r * cols;
+      uint8_t* yr = dst + r * rb;
+      switch (t) {
+        case GgmlType::F32: std::memcpy(yr, xr, cols * 4); break;
+        case GgmlType::F16: k->fp32_to_fp16_row(xr, reinterpret_cast<fp16_t*>(yr), cols); break;
+        case GgmlType::Q4_0: k->quantize_row_q4_0(xr, reinterpret_cast<block_q4_0*>(yr), cols); break;
+        case GgmlType::Q4_1: k->quantize_row_q4_1(xr, reinterpret_cast<block_q4_1*>(yr), cols); break;
+        case GgmlType::Q8_0: k->quantize_row_q8_0(xr, reinterpret_cast<block_q8_0*>(yr), cols); break;
+        case GgmlType::Q8_1: k->quantize_row_q8_1(xr, reinterpret_cast<block_q8_1*>(yr), cols); break;
+      }
+    }
+  };
+  {
+    py::gil_scoped_release release;
+    const int nt = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, rows)));
+    std::vector<std::thread> threads;
+    for (int i = 1; i < nt; i++) threads.emplace_back(work, rows * i / nt, rows * (i + 1) / nt);
+    work(0, rows / nt);
+    for (auto& th : threads) th.join();
+  }
+  return out;
+}
+
+static FloatArray dequantize(const ByteArray& x, int type, int64_t cols, const std::string& isa) {
+  const GgmlType t = to_type(type);
+  if (x.ndim() != 2) throw std::invalid_argument("dequantize: expected a 2-D uint8 array");
+  if (is_block_type(t) && cols % QK != 0)
+    throw std::invalid_argument("dequantize: row length must be a multiple of 32");
+  const size_t rb = row_bytes(t, cols);
+  if (size_t(x.shape(1)) != rb)
+    throw std::invalid_argument("dequantize: rows of " + std::to_string(x.shape(1)) +
+                                " bytes, expected " + std::to_string(rb));
+  const KernelTable* k = table(isa);
+  const int64_t rows = x.shape(0);
+  FloatArray out({rows, cols});
+  for (int64_t r = 0; r < rows; r++) {
+    const uint8_t* xr = x.data() + r * rb;
+    float* yr = out.mutable_data() + r * cols;
+    switch (t) {
+      case GgmlType::F32: std::memcpy(yr, xr, cols * 4); break;
+      case GgmlType::F16: k->fp16_to_fp32_row(reinterpret_cast<const fp16_t*>(xr), yr, cols); break;
+      case GgmlType::Q4_0: k->dequantize_row_q4_0(reinterpret_cast<const block_q4_0*>(xr), yr, cols); break;
+      case GgmlType::Q4_1: k->dequantize_row_q4_1(reinterpret_cast<const block_q4_1*>(xr), yr, cols); break;
+      case GgmlType::Q8_0: k->dequantize_row_q8_0(reinterpret_cast<const block_q8_0*>(xr), yr, cols); break;
+      default: throw std::invalid_argument("dequantize: unsupported type");
+    }
+  }
+  return out;
+}
+
+// out[t, r] = dot(w row r, act row t) with the ISA's GEMM kernel; w and act already in the
+// kernel's pairing formats (see KernelTable::gemm).
+static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int64_t cols,
+                       const std::string& isa) {
+  const GgmlType t = to_type(wtype);
+  if (w.ndim() != 2 || act.ndim() != 2) throw std::invalid_argument("gemm: expected 2-D arrays");
+  const GgmlType at = t == GgmlType::Q4_1 ? GgmlType::Q8_1
+                      : (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) ? GgmlType::Q8_0
+                                                                        : GgmlType::F32;
+  if (size_t(w.shape(1)) != row_bytes(t, cols) ||
+      size_t(act.shape(1) * act.itemsize()) != row_bytes(at, cols) ||
+      !(act.flags() & py::array::c_style))
+    throw std::invalid_argument("gemm: row sizes do not match the types and cols");
+  const int64_t n_rows = w.shape(0), n_tok = act.shape(0);
+  FloatArray out({n_tok, n_rows});
+  table(isa)->gemm(t, cols, w.data(), w.shape(1), n_rows, act.data(), act.shape(1) * act.itemsize(),
+                   n_tok, out.mutable_data(), n_rows);
+  return out;
+}
+
+static FloatArray rmsnorm(const FloatArray& x, const FloatArray& w, float eps, const std::string& isa) {
+  if (x.ndim() != 1 || w.ndim() != 1 || x.shape(0) != w.shape(0))
+    throw std::invalid_argument("rmsnorm: x and weight must be 1-D of equal length");
+  FloatArray y(x.shape(0));
+  table(isa)->rmsnorm(x.data(), w.data(), y.mutable_data(), x.shape(0), eps);
+  return y;
+}
+
+static FloatArray swiglu(const FloatArray& g, const FloatArray& u, const std::string& isa) {
+  if (g.ndim() != 1 || u.ndim() != 1 || g.shape(0) != u.shape(0))
+    throw std::invalid_argument("swiglu: gate and up must be 1-D of equal length");
+  FloatArray y(g.shape(0));
+  table(isa)->swiglu(g.data(), u.data(), y.mutable_data(), g.shape(0));
+  return y;
+}
+
+static FloatArray axpy_f16(float a, const py::array_t<uint16_t, py::array::c_style>& x,
+                           const FloatArray& y, const std::string& isa) {
+  if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0))
+    throw std::invalid_argument("axpy_f16: x and y must be 1-D of equal length");
+  FloatArray out(y.shape(0));
+  std::memcpy(out.mutable_data(), y.data(), y.shape(0) * 4);
+  table(isa)->axpy_f16(y.shape(0), a, x.data(), out.mutable_data());
+  return out;
+}
+
+class PyModel {
+ public:
+  PyModel(const py::dict& hparams, const py::dict& tensors, int64_t n_ctx, int n_threads,
+          bool kv_f16) {
+    HParams hp;
+    hp.n_vocab = hparams["n_vocab"].cast<int64_t>();
+    hp.dim = hparams["dim"].cast<int64_t>();
+    hp.n_layers = hparams["n_layers"].cast<int64_t>();
+    hp.n_heads = hparams["n_heads"].cast<int64_t>();
+    hp.n_kv_heads = hparams["n_kv_heads"].cast<int64_t>();
+    hp.head_dim = hparams["head_dim"].cast<int64_t>();
+    hp.ffn_dim = hparams["ffn_dim"].cast<int64_t>();
+    hp.n_rot = hparams["n_rot"].cast<int64_t>();
+    hp.rope_base = hparams["rope_base"].cast<float>();
+    hp.rms_eps = hparams["rms_eps"].cast<float>();
+    if (hp.n_kv_heads < 1 || hp.n_heads % hp.n_kv_heads != 0 || hp.n_rot % 2 != 0 ||
+        hp.n_rot > hp.head_dim || hp.head_dim > 1024)
+      throw std::invalid_argument("Model: inconsistent hyper-parameters");
+    std::map<std::string, TensorIn> tin;
+    std::vector<py::buffer_info> keep;  // buffers stay valid until the weights are copied
+    for (auto item : tensors) {
+      const auto name = item.first.cast<std::string>();
+      auto tup = item.second.cast<py::tuple>();
+      const int type = tup[0].cast<int>();
+      const int64_t rows = tup[1].cast<int64_t>(), cols = tup[2].cast<int64_t>();
+      py::buffer buf = tup[3].cast<py::buffer>();
+      keep.push_back(buf.request());
+      const auto& info = keep.back();
+      tin[name] = TensorIn{to_type(type), rows, cols, static_cast<const uint8_t*>(info.ptr),
+                           size_t(info.size * info.itemsize)};
+    }
+    py::gil_scoped_release release;
+    model_ = std::make_unique<Model>(hp, tin, n_ctx, n_threads, kv_f16, active_kernels());
+  }
+
+  FloatArray forward(const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
+                     int64_t start_pos, bool all_logits) {
+    if (tokens.ndim() != 1) throw std::invalid_argument("forward: tokens must be 1-D");
+    const int64_t n = tokens.shape(0), V = model_->hparams().n_vocab;
+    FloatArray out = all_logits ? FloatArray({n, V}) : FloatArray(V);
+    float* dst = out.mutable_data();
+    const int32_t* src = tokens.data();
+    {
+      py::gil_scoped_release release;
+      model_->forward(src, n, start_pos, all_logits, dst);
+    }
+    return out;
+  }
+
+  Model& model() { return *model_; }
+
+ private:
+  std::unique_ptr<Model> model_;
+};
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "alpaca_cpu native core: quantized kernels and the LLaMA forward pass";
+  m.def("available_isas", &available_isas, "ISAs this CPU and build support, lowest first");
+  m.def("set_active_isa", &set_active_isa, py::arg("name"),
+        "Use this ISA's kernels for models created from now on");
+  m.def("active_isa", [] { return std::string(active_kernels()->name); });
+
+  m.def("quantize", &quantize, py::arg("x"), py::arg("type"), py::arg("n_threads") = 1,
+        py::arg("isa") = "");
+  m.def("dequantize", &dequantize, py::arg("data"), py::arg("type"), py::arg("cols"),
+        py::arg("isa") = "");
+  m.def("gemm", &gemm, py::arg("wtype"), py::arg("w"), py::arg("act"), py::arg("cols"),
+        py::arg("isa") = "");
+  m.def("rmsnorm", &rmsnorm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("isa") = "");
+  m.def("swiglu", &swiglu, py::arg("gate"), py::arg("up"), py::arg("isa") = "");
+  m.def("axpy_f16", &axpy_f16, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("isa") = "");
+
+  py::class_<PyModel>(m, "Model")
+      .def(py::init<const py::dict&, const py::dict&, int64_t, int, bool>(), py::arg("hparams"),
+           py::arg("tensors"), py::arg("n_ctx"), py::arg("n_threads"), py::arg("kv_f16") = true)
+      .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"),
+           py::arg("all_logits"))
+      .def_property_readonly("n_ctx", [](PyModel& p) { return p.model().n_ctx(); })
+      .def_property_readonly("n_threads", [](PyModel& p) { return p.model().n_threads(); })
+      .def_property_readonly("isa", [](PyModel& p) { return std::string(p.model().isa()); })
+      .def_property_readonly("kv_cache_bytes", [](PyModel& p) { return p.model().kv_cache_bytes(); })
+      .def_property_readonly("weight_bytes", [](PyModel& p) { return p.model().weight_bytes(); });
+}

@@ -1,0 +1,64 @@
+// The kernel table: one instance per ISA (kernels_<isa>.cpp), chosen once at import
+// (dispatch.cpp). Every entry has the same signature and meaning on every ISA; the scalar
+// table is the reference that the SIMD tables are tested against (tests/test_kernels.py).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "ggml_types.h"
+
+namespace alpaca {
+
+// A row-major block of quantized or float rows: `rows` rows of `cols` elements,
+// consecutive rows `stride` bytes apart.
+struct RowsView {
+  const void* data;
+  int64_t rows;
+  int64_t cols;
+  size_t stride;
+  GgmlType type;
+};
+
+struct KernelTable {
+  const char* name;
+
+  // --- quantize / dequantize one row of k elements (k % 32 == 0 for block types) ---
+  void (*quantize_row_q4_0)(const float* x, block_q4_0* y, int64_t k);
+  void (*quantize_row_q4_1)(const float* x, block_q4_1* y, int64_t k);
+  void (*quantize_row_q8_0)(const float* x, block_q8_0* y, int64_t k);
+  void (*quantize_row_q8_1)(const float* x, block_q8_1* y, int64_t k);
+  void (*dequantize_row_q4_0)(const block_q4_0* x, float* y, int64_t k);
+  void (*dequantize_row_q4_1)(const block_q4_1* x, float* y, int64_t k);
+  void (*dequantize_row_q8_0)(const block_q8_0* x, float* y, int64_t k);
+  void (*fp16_to_fp32_row)(const fp16_t* x, float* y, int64_t k);
+  void (*fp32_to_fp16_row)(const float* x, fp16_t* y, int64_t k);
+
+  // --- dot products of one weight row with one activation row of n elements ---
+  float (*dot_q4_0_q8_0)(int64_t n, const block_q4_0* w, const block_q8_0* a);
+  float (*dot_q4_1_q8_1)(int64_t n, const block_q4_1* w, const block_q8_1* a);
+  float (*dot_q8_0_q8_0)(int64_t n, const block_q8_0* w, const block_q8_0* a);
+  float (*dot_f16_f32)(int64_t n, const fp16_t* w, const float* a);
+  float (*dot_f32_f32)(int64_t n, const float* w, const float* a);
+
+  // --- matrix products on a tile: out[t * out_stride + r] = dot(w row r, act row t)
+  //     for r < n_rows, t < n_tok. w and act are already in the pairing formats above
+  //     (q4_0/q8_0, q4_1/q8_1, q8_0/q8_0, f16/f32, f32/f32); act rows are act_stride bytes apart.
+  void (*gemm)(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
+               const void* act, size_t act_stride, int64_t n_tok, float* out, int64_t out_stride);
+
+  // --- elementwise ---
+  // y = x / sqrt(mean(x^2) + eps) * weight
+  void (*rmsnorm)(const float* x, const float* weight, float* y, int64_t n, float eps);
+  // out = silu(gate) * up
+  void (*swiglu)(const float* gate, const float* up, float* out, int64_t n);
+  // y += a * x (x in f16): accumulate one value row into an attention output
+  void (*axpy_f16)(int64_t n, float a, const fp16_t* x, float* y);
+};
+
+// Tables (defined in kernels_<isa>.cpp). Absent ISAs return nullptr.
+const KernelTable* scalar_kernels();
+const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
+const KernelTable* neon_kernels();
+
+}  // namespace alpaca

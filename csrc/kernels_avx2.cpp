@@ -1,0 +1,218 @@
+// AVX2 + FMA + F16C kernels. Compiled with -mavx2 -mfma -mf16c (this file only); selected at
+// import only when the CPU has all three. Quantizers round exactly like the scalar twin, so
+// the integer parts are bit-identical on every ISA.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace alpaca::avx2 {
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline float fp16_scalar(fp16_t h) { return _cvtsh_ss(h); }
+
+// Round half away from zero, like roundf (the GGML reference), not the FPU's half-to-even.
+static inline __m256 round_half_away(__m256 v) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign_mask, v);
+  __m256 r = _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(a, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
+  r = _mm256_add_ps(r, _mm256_and_ps(tie, _mm256_set1_ps(1.0f)));
+  return _mm256_or_ps(r, _mm256_and_ps(sign_mask, v));
+}
+
+// Quantize 32 floats to int8 with scale 1/d; returns d and writes qs; sum of q in *sum.
+static inline float quantize_block_q8(const float* x, int8_t* qs, int* sum) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m256 vid = _mm256_set1_ps(id);
+  __m256i q[4];
+  for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(round_half_away(_mm256_mul_ps(v[i], vid)));
+  if (sum) {
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    *sum = _mm_cvtsi128_si32(s4);
+  }
+  // int32 -> int16 -> int8; packs work within 128-bit lanes, so fix the order with a permute.
+  __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
+  __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
+  __m256i p = _mm256_packs_epi16(p01, p23);
+  p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), p);
+  return d;
+}
+
+static void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) {
+  for (int64_t b = 0; b < k / QK; b++) {
+    const float d = quantize_block_q8(x + b * QK, y[b].qs, nullptr);
+    y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+static void quantize_row_q8_1(const float* x, block_q8_1* y, int64_t k) {
+  for (int64_t b = 0; b < k / QK; b++) {
+    int sum = 0;
+    const float d = quantize_block_q8(x + b * QK, y[b].qs, &sum);
+    y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+    y[b].s = _cvtss_sh(float(sum) * d, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+static void fp16_to_fp32_row(const fp16_t* x, float* y, int64_t k) {
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+  for (; i < k; i++) y[i] = fp16_scalar(x[i]);
+}
+
+static void fp32_to_fp16_row(const float* x, fp16_t* y, int64_t k) {
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < k; i++) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+// 32 nibbles of a Q4 block as 32 bytes in [0, 15]: low nibbles first, then high nibbles.
+static inline __m256i unpack_nibbles(const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+// Sum of products of 32 unsigned bytes (u) and 32 signed bytes (s), as 8 int32 lanes.
+static inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+  const __m256i p16 = _mm256_maddubs_epi16(u, s);
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+// Sum of products of 32 signed bytes with 32 signed bytes.
+static inline __m256i dot_i8_i8(__m256i x, __m256i y) {
+  return dot_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+static float dot_q4_0_q8_0(int64_t n, const block_q4_0* w, const block_q8_0* a) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < n / QK; b++) {
+    const __m256i qw = _mm256_sub_epi8(unpack_nibbles(w[b].qs), eight);
+    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs));
+    const __m256 s = _mm256_cvtepi32_ps(dot_i8_i8(qw, qa));
+    const __m256 d = _mm256_set1_ps(fp16_scalar(w[b].d) * fp16_scalar(a[b].d));
+    acc = _mm256_fmadd_ps(d, s, acc);
+  }
+  return hsum(acc);
+}
+
+static float dot_q4_1_q8_1(int64_t n, const block_q4_1* w, const block_q8_1* a) {
+  __m256 acc = _mm256_setzero_ps();
+  float acc_m = 0.0f;
+  for (int64_t b = 0; b < n / QK; b++) {
+    const __m256i qw = unpack_nibbles(w[b].qs);
+    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs));
+    const __m256 s = _mm256_cvtepi32_ps(dot_u8_i8(qw, qa));
+    const __m256 d = _mm256_set1_ps(fp16_scalar(w[b].d) * fp16_scalar(a[b].d));
+    acc = _mm256_fmadd_ps(d, s, acc);
+    acc_m += fp16_scalar(w[b].m) * fp16_scalar(a[b].s);
+  }
+  return hsum(acc) + acc_m;
+}
+
+static float dot_q8_0_q8_0(int64_t n, const block_q8_0* w, const block_q8_0* a) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / QK; b++) {
+    const __m256i qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
+    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs));
+    const __m256 s = _mm256_cvtepi32_ps(dot_i8_i8(qw, qa));
+    const __m256 d = _mm256_set1_ps(fp16_scalar(w[b].d) * fp16_scalar(a[b].d));
+    acc = _mm256_fmadd_ps(d, s, acc);
+  }
+  return hsum(acc);
+}
+
+static float dot_f16_f32(int64_t n, const fp16_t* w, const float* a) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8)));
+    acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a + i), acc0);
+    acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(a + i + 8), acc1);
+  }
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; i++) sum += fp16_scalar(w[i]) * a[i];
+  return sum;
+}
+
+static float dot_f32_f32(int64_t n, const float* w, const float* a) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(a + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(a + i + 8), acc1);
+  }
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; i++) sum += w[i] * a[i];
+  return sum;
+}
+
+static void axpy_f16(int64_t n, float a, const fp16_t* x, float* y) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; i++) y[i] += a * fp16_scalar(x[i]);
+}
+
+#include "kernels_generic.inc"
+
+static KernelTable make_table() {
+  KernelTable t = *scalar_kernels();  // weight quantizers and dequantizers: scalar twin
+  t.name = "avx2";
+  t.quantize_row_q8_0 = quantize_row_q8_0;
+  t.quantize_row_q8_1 = quantize_row_q8_1;
+  t.fp16_to_fp32_row = fp16_to_fp32_row;
+  t.fp32_to_fp16_row = fp32_to_fp16_row;
+  t.dot_q4_0_q8_0 = dot_q4_0_q8_0;
+  t.dot_q4_1_q8_1 = dot_q4_1_q8_1;
+  t.dot_q8_0_q8_0 = dot_q8_0_q8_0;
+  t.dot_f16_f32 = dot_f16_f32;
+  t.dot_f32_f32 = dot_f32_f32;
+  t.gemm = gemm;
+  t.rmsnorm = rmsnorm;
+  t.swiglu = swiglu;
+  t.axpy_f16 = axpy_f16;
+  return t;
+}
+
+}  // namespace alpaca::avx2
+
+namespace alpaca {
+const KernelTable* avx2_kernels() {
+  static const KernelTable table = avx2::make_table();
+  return &table;
+}
+}  // namespace alpaca

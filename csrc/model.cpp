@@ -1,0 +1,309 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+namespace alpaca {
+
+Buffer::Buffer(size_t nbytes) : size_(nbytes) {
+  const size_t rounded = (nbytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  if (!p) throw std::bad_alloc();
+  data_.reset(static_cast<uint8_t*>(p));
+}
+
+void Buffer::Free::operator()(uint8_t* p) const { std::free(p); }
+
+static std::vector<float> load_vector(const std::map<std::string, TensorIn>& tensors,
+                                      const std::string& name, int64_t n) {
+  auto it = tensors.find(name);
+  if (it == tensors.end()) throw std::invalid_argument("missing tensor " + name);
+  const TensorIn& t = it->second;
+  if (t.type != GgmlType::F32 || t.rows * t.cols != n || t.nbytes != size_t(n) * 4)
+    throw std::invalid_argument("tensor " + name + " must be F32 with " + std::to_string(n) +
+                                " elements");
+  std::vector<float> v(n);
+  std::memcpy(v.data(), t.data, t.nbytes);
+  return v;
+}
+
+Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
+                          const std::string& name) {
+  auto it = tensors.find(name);
+  if (it == tensors.end()) throw std::invalid_argument("missing tensor " + name);
+  const TensorIn& t = it->second;
+  if (is_block_type(t.type) && t.cols % QK != 0)
+    throw std::invalid_argument("tensor " + name + ": row length must be a multiple of 32");
+  Matrix m;
+  m.type = t.type;
+  m.rows = t.rows;
+  m.cols = t.cols;
+  m.stride = row_bytes(t.type, t.cols);
+  if (m.stride * size_t(t.rows) != t.nbytes)
+    throw std::invalid_argument("tensor " + name + ": byte size does not match its shape");
+  m.data = Buffer(t.nbytes);
+  std::memcpy(m.data.data(), t.data, t.nbytes);
+  weight_bytes_ += t.nbytes;
+  return m;
+}
+
+Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
+             int n_threads, bool kv_f16, const KernelTable* kernels)
+    : hp_(hp), n_ctx_(n_ctx), kv_f16_(kv_f16), k_(kernels), pool_(n_threads) {
+  if (n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1");
+  token_embd = load_matrix(tensors, "token_embd.weight");
+  output_norm = load_vector(tensors, "output_norm.weight", hp.dim);
+  if (tensors.count("output.weight")) output = load_matrix(tensors, "output.weight");
+  for (int64_t l = 0; l < hp.n_layers; l++) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    Layer L;
+    L.attn_norm = load_vector(tensors, p + "attn_norm.weight", hp.dim);
+    L.attn_q = load_matrix(tensors, p + "attn_q.weight");
+    L.attn_k = load_matrix(tensors, p + "attn_k.weight");
+    L.attn_v = load_matrix(tensors, p + "attn_v.weight");
+    L.attn_output = load_matrix(tensors, p + "attn_output.weight");
+    L.ffn_norm = load_vector(tensors, p + "ffn_norm.weight", hp.dim);
+    L.ffn_gate = load_matrix(tensors, p + "ffn_gate.weight");
+    L.ffn_up = load_matrix(tensors, p + "ffn_up.weight");
+    L.ffn_down = load_matrix(tensors, p + "ffn_down.weight");
+    layers.push_back(std::move(L));
+  }
+  for (int64_t i = 0; i < hp.n_rot / 2; i++)
+    inv_freq_.push_back(std::pow(double(hp.rope_base), -2.0 * double(i) / double(hp.n_rot)));
+
+  const size_t kv_elems = size_t(hp.n_layers) * hp.n_kv_heads * n_ctx * hp.head_dim;
+  const size_t kv_elem_bytes = kv_f16 ? 2 : 4;
+  kv_k_ = Buffer(kv_elems * kv_elem_bytes);
+  kv_v_ = Buffer(kv_elems * kv_elem_bytes);
+  std::memset(kv_k_.data(), 0, kv_k_.size());
+  std::memset(kv_v_.data(), 0, kv_v_.size());
+
+  const int64_t B = kMaxBatch;
+  const int64_t q_dim = hp.n_heads * hp.head_dim, kv_dim = hp.n_kv_heads * hp.head_dim;
+  x_.resize(B * hp.dim);
+  xb_.resize(B * std::max(hp.dim, q_dim));
+  q_.resize(B * q_dim);
+  k_cur_.resize(B * kv_dim);
+  v_cur_.resize(B * kv_dim);
+  att_.resize(B * q_dim);
+  proj_.resize(B * hp.dim);
+  gate_.resize(B * hp.ffn_dim);
+  up_.resize(B * hp.ffn_dim);
+  const int64_t widest = std::max({hp.dim, hp.ffn_dim, q_dim});
+  act_q8_0_ = Buffer(B * row_bytes(GgmlType::Q8_0, widest));
+  act_q8_1_ = Buffer(B * row_bytes(GgmlType::Q8_1, widest));
+  scores_.resize(size_t(pool_.size()) * (hp.n_heads / hp.n_kv_heads) * n_ctx);
+}
+
+void Model::embed(int32_t token, float* out) const {
+  const uint8_t* row = token_embd.data.data() + size_t(token) * token_embd.stride;
+  switch (token_embd.type) {
+    case GgmlType::F32: std::memcpy(out, row, hp_.dim * 4); break;
+    case GgmlType::F16: k_->fp16_to_fp32_row(reinterpret_cast<const fp16_t*>(row), out, hp_.dim); break;
+    case GgmlType::Q4_0: k_->dequantize_row_q4_0(reinterpret_cast<const block_q4_0*>(row), out, hp_.dim); break;
+    case GgmlType::Q4_1: k_->dequantize_row_q4_1(reinterpret_cast<const block_q4_1*>(row), out, hp_.dim); break;
+    case GgmlType::Q8_0: k_->dequantize_row_q8_0(reinterpret_cast<const block_q8_0*>(row), out, hp_.dim); break;
+    default: throw std::invalid_argument("unsupported token_embd type");
+  }
+}
+
+void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
+                    std::initializer_list<MatmulJob> jobs) {
+  const int64_t cols = jobs.begin()->w->cols;
+  bool need_q8_0 = false, need_q8_1 = false;
+  for (const auto& j : jobs) {
+    need_q8_0 |= j.w->type == GgmlType::Q4_0 || j.w->type == GgmlType::Q8_0;
+    need_q8_1 |= j.w->type == GgmlType::Q4_1;
+  }
+  const size_t q8_0_stride = row_bytes(GgmlType::Q8_0, cols);
+  const size_t q8_1_stride = row_bytes(GgmlType::Q8_1, cols);
+  // Quantize the activations once per format, one token per task.
+  if (need_q8_0 || need_q8_1) {
+    pool_.parallel_for(n_tok, [&](int64_t t, int) {
+      if (need_q8_0)
+        k_->quantize_row_q8_0(x + t * x_stride,
+                              reinterpret_cast<block_q8_0*>(act_q8_0_.data() + t * q8_0_stride), cols);
+      if (need_q8_1)
+        k_->quantize_row_q8_1(x + t * x_stride,
+                              reinterpret_cast<block_q8_1*>(act_q8_1_.data() + t * q8_1_stride), cols);
+    });
+  }
+  // Split every job's rows into chunks of 16 rows (a 64-byte line of float outputs).
+  constexpr int64_t kRowsPerTask = 16;
+  struct Chunk { const MatmulJob* job; int64_t r0; };
+  std::vector<Chunk> chunks;  // small; reserved below so no reallocation happens per call
+  chunks.reserve(64);
+  for (const auto& j : jobs)
+    for (int64_t r = 0; r < j.w->rows; r += kRowsPerTask) chunks.push_back({&j, r});
+  pool_.parallel_for(int64_t(chunks.size()), [&](int64_t c, int) {
+    const MatmulJob& j = *chunks[c].job;
+    const Matrix& w = *j.w;
+    const int64_t r0 = chunks[c].r0, nr = std::min(kRowsPerTask, w.rows - r0);
+    const void* act;
+    size_t act_stride;
+    if (w.type == GgmlType::Q4_1) {
+      act = act_q8_1_.data(); act_stride = q8_1_stride;
+    } else if (w.type == GgmlType::Q4_0 || w.type == GgmlType::Q8_0) {
+      act = act_q8_0_.data(); act_stride = q8_0_stride;
+    } else {
+      act = x; act_stride = size_t(x_stride) * 4;
+    }
+    k_->gemm(w.type, w.cols, w.data.data() + size_t(r0) * w.stride, w.stride, nr, act,
+             act_stride, n_tok, j.out + r0, j.out_stride);
+  });
+}
+
+void Model::rope(float* v, int64_t n_heads_here, int64_t pos) const {
+  // Meta's interleaved pairs: (v[2i], v[2i+1]) rotated by pos * base^(-2i/n_rot).
+  float cs[512], sn[512];  // n_rot / 2 <= 512, checked by the loader (head_dim <= 1024)
+  for (int64_t i = 0; i < hp_.n_rot / 2; i++) {
+    const double a = double(pos) * inv_freq_[i];
+    cs[i] = float(std::cos(a));
+    sn[i] = float(std::sin(a));
+  }
+  for (int64_t h = 0; h < n_heads_here; h++) {
+    float* hv = v + h * hp_.head_dim;
+    for (int64_t i = 0; i < hp_.n_rot / 2; i++) {
+      const float x0 = hv[2 * i], x1 = hv[2 * i + 1];
+      hv[2 * i] = x0 * cs[i] - x1 * sn[i];
+      hv[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+    }
+  }
+}
+
+void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
+  const int64_t hd = hp_.head_dim, group = hp_.n_heads / hp_.n_kv_heads;
+  const int64_t q_dim = hp_.n_heads * hd;
+  const size_t eb = kv_f16_ ? 2 : 4;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  // One task per (token, kv head): the query heads sharing a KV head read each K/V row once.
+  pool_.parallel_for(n * hp_.n_kv_heads, [&](int64_t task, int thread) {
+    const int64_t t = task / hp_.n_kv_heads, g = task % hp_.n_kv_heads;
+    const int64_t pos = start_pos + t, n_pos = pos + 1;
+    const size_t head_off = (size_t(layer) * hp_.n_kv_heads + g) * n_ctx_ * hd;
+    const uint8_t* kbase = kv_k_.data() + head_off * eb;
+    const uint8_t* vbase = kv_v_.data() + head_off * eb;
+    float* scores = scores_.data() + size_t(thread) * group * n_ctx_;  // (group, n_ctx)
+    // scores[h][p] = q_h . k_p * scale
+    for (int64_t p = 0; p < n_pos; p++) {
+      const uint8_t* kp = kbase + size_t(p) * hd * eb;
+      for (int64_t h = 0; h < group; h++) {
+        const float* qh = q_.data() + t * q_dim + (g * group + h) * hd;
+        const float s = kv_f16_ ? k_->dot_f16_f32(hd, reinterpret_cast<const fp16_t*>(kp), qh)
+                                : k_->dot_f32_f32(hd, reinterpret_cast<const float*>(kp), qh);
+        scores[h * n_ctx_ + p] = s * scale;
+      }
+    }
+    for (int64_t h = 0; h < group; h++) {
+      float* sc = scores + h * n_ctx_;
+      float* out = att_.data() + t * q_dim + (g * group + h) * hd;
+      float mx = sc[0];
+      for (int64_t p = 1; p < n_pos; p++) mx = std::max(mx, sc[p]);
+      float sum = 0.0f;
+      for (int64_t p = 0; p < n_pos; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+      const float inv = 1.0f / sum;
+      std::fill(out, out + hd, 0.0f);
+      for (int64_t p = 0; p < n_pos; p++) {
+        const uint8_t* vp = vbase + size_t(p) * hd * eb;
+        if (kv_f16_) {
+          k_->axpy_f16(hd, sc[p] * inv, reinterpret_cast<const fp16_t*>(vp), out);
+        } else {
+          const float* vf = reinterpret_cast<const float*>(vp);
+          const float a = sc[p] * inv;
+          for (int64_t i = 0; i < hd; i++) out[i] += a * vf[i];
+        }
+      }
+    }
+  });
+}
+
+void Model::forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
+                    float* logits) {
+  if (n < 1) throw std::invalid_argument("forward: empty batch of tokens");
+  if (start_pos < 0 || start_pos + n > n_ctx_)
+    throw std::invalid_argument("forward: positions " + std::to_string(start_pos) + ".." +
+                                std::to_string(start_pos + n - 1) + " outside the context of " +
+                                std::to_string(n_ctx_));
+  for (int64_t i = 0; i < n; i++)
+    if (tokens[i] < 0 || tokens[i] >= hp_.n_vocab)
+      throw std::invalid_argument("forward: token id " + std::to_string(tokens[i]) +
+                                  " at index " + std::to_string(i) + " outside [0, " +
+                                  std::to_string(hp_.n_vocab) + ")");
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  for (int64_t b = 0; b < n; b += kMaxBatch) {
+    const int64_t nb = std::min(kMaxBatch, n - b);
+    const bool last = b + nb == n;
+    if (all_logits) {
+      forward_batch(tokens + b, nb, start_pos + b, true, logits + size_t(b) * hp_.n_vocab);
+    } else {
+      forward_batch(tokens + b, nb, start_pos + b, false, last ? logits : nullptr);
+    }
+  }
+}
+
+void Model::forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
+                          float* logits) {
+  const int64_t dim = hp_.dim, hd = hp_.head_dim;
+  const int64_t q_dim = hp_.n_heads * hd, kv_dim = hp_.n_kv_heads * hd, ffn = hp_.ffn_dim;
+  const size_t eb = kv_f16_ ? 2 : 4;
+
+  // x = token_embd[tokens]
+  for (int64_t t = 0; t < n; t++) embed(tokens[t], x_.data() + t * dim);
+
+  for (int64_t l = 0; l < hp_.n_layers; l++) {
+    const Layer& L = layers[l];
+    // xb = rmsnorm(x) * attn_norm
+    for (int64_t t = 0; t < n; t++)
+      k_->rmsnorm(x_.data() + t * dim, L.attn_norm.data(), xb_.data() + t * dim, dim, hp_.rms_eps);
+    // q, k, v = xb @ Wq.T, xb @ Wk.T, xb @ Wv.T
+    matmuls(xb_.data(), n, dim, {{&L.attn_q, q_.data(), q_dim},
+                                  {&L.attn_k, k_cur_.data(), kv_dim},
+                                  {&L.attn_v, v_cur_.data(), kv_dim}});
+    // RoPE on q and k; append k, v to the cache at their positions
+    for (int64_t t = 0; t < n; t++) {
+      const int64_t pos = start_pos + t;
+      rope(q_.data() + t * q_dim, hp_.n_heads, pos);
+      rope(k_cur_.data() + t * kv_dim, hp_.n_kv_heads, pos);
+      for (int64_t g = 0; g < hp_.n_kv_heads; g++) {
+        const size_t off = ((size_t(l) * hp_.n_kv_heads + g) * n_ctx_ + pos) * hd;
+        const float* ks = k_cur_.data() + t * kv_dim + g * hd;
+        const float* vs = v_cur_.data() + t * kv_dim + g * hd;
+        if (kv_f16_) {
+          k_->fp32_to_fp16_row(ks, reinterpret_cast<fp16_t*>(kv_k_.data() + off * eb), hd);
+          k_->fp32_to_fp16_row(vs, reinterpret_cast<fp16_t*>(kv_v_.data() + off * eb), hd);
+        } else {
+          std::memcpy(kv_k_.data() + off * eb, ks, hd * 4);
+          std::memcpy(kv_v_.data() + off * eb, vs, hd * 4);
+        }
+      }
+    }
+    // att = softmax(q k^T / sqrt(hd)) v, causal, per head
+    attention(l, n, start_pos);
+    // x += att @ Wo.T
+    matmuls(att_.data(), n, q_dim, {{&L.attn_output, proj_.data(), dim}});
+    for (int64_t i = 0; i < n * dim; i++) x_[i] += proj_[i];
+    // xb = rmsnorm(x) * ffn_norm
+    for (int64_t t = 0; t < n; t++)
+      k_->rmsnorm(x_.data() + t * dim, L.ffn_norm.data(), xb_.data() + t * dim, dim, hp_.rms_eps);
+    // gate, up = xb @ Wg.T, xb @ Wu.T; h = silu(gate) * up
+    matmuls(xb_.data(), n, dim, {{&L.ffn_gate, gate_.data(), ffn}, {&L.ffn_up, up_.data(), ffn}});
+    for (int64_t t = 0; t < n; t++)
+      k_->swiglu(gate_.data() + t * ffn, up_.data() + t * ffn, gate_.data() + t * ffn, ffn);
+    // x += h @ Wd.T
+    matmuls(gate_.data(), n, ffn, {{&L.ffn_down, proj_.data(), dim}});
+    for (int64_t i = 0; i < n * dim; i++) x_[i] += proj_[i];
+  }
+  if (!logits) return;
+  // logits = rmsnorm(x) * output_norm @ output.T (token_embd when tied)
+  const int64_t first = all_logits ? 0 : n - 1, n_out = n - first;
+  for (int64_t t = first; t < n; t++)
+    k_->rmsnorm(x_.data() + t * dim, output_norm.data(), xb_.data() + (t - first) * dim, dim,
+                hp_.rms_eps);
+  const Matrix& out_w = output.rows ? output : token_embd;
+  matmuls(xb_.data(), n_out, dim, {{&out_w, logits, hp_.n_vocab}});
+}
+
+}  // namespace alpaca

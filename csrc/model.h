@@ -1,0 +1,132 @@
+// The LLaMA forward pass: all layers for a batch of tokens in one call (DESIGN.md, decision 5).
+#pragma once
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace alpaca {
+
+// Hyper-parameters, already validated by the Python loader (alpaca_cpu/gguf_file.py).
+struct HParams {
+  int64_t n_vocab, dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, n_rot;
+  float rope_base, rms_eps;
+};
+
+// A tensor handed over from Python: GGML type, (rows, cols) with cols contiguous.
+struct TensorIn {
+  GgmlType type;
+  int64_t rows, cols;
+  const uint8_t* data;
+  size_t nbytes;
+};
+
+// 64-byte aligned owned bytes.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t nbytes);
+  uint8_t* data() { return data_.get(); }
+  const uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free { void operator()(uint8_t* p) const; };
+  std::unique_ptr<uint8_t, Free> data_;
+  size_t size_ = 0;
+};
+
+// A weight matrix (rows, cols) in one GGML type, rows `stride` bytes apart.
+struct Matrix {
+  GgmlType type = GgmlType::F32;
+  int64_t rows = 0, cols = 0;
+  size_t stride = 0;
+  Buffer data;
+};
+
+struct Layer {
+  std::vector<float> attn_norm;  // (dim)
+  Matrix attn_q;                 // (n_heads * head_dim, dim)
+  Matrix attn_k;                 // (n_kv_heads * head_dim, dim)
+  Matrix attn_v;                 // (n_kv_heads * head_dim, dim)
+  Matrix attn_output;            // (dim, n_heads * head_dim)
+  std::vector<float> ffn_norm;   // (dim)
+  Matrix ffn_gate;               // (ffn_dim, dim)
+  Matrix ffn_up;                 // (ffn_dim, dim)
+  Matrix ffn_down;               // (dim, ffn_dim)
+};
+
+class Model {
+ public:
+  Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
+        int n_threads, bool kv_f16, const KernelTable* kernels);
+
+  // Runs tokens[0..n) at positions start_pos.. and writes logits (n_vocab floats per row) for
+  // the last token, or for every token when all_logits. Positions >= start_pos are overwritten.
+  void forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
+               float* logits);
+
+  const HParams& hparams() const { return hp_; }
+  int64_t n_ctx() const { return n_ctx_; }
+  int n_threads() const { return pool_.size(); }
+  const char* isa() const { return k_->name; }
+  size_t kv_cache_bytes() const { return kv_k_.size() + kv_v_.size(); }
+  size_t weight_bytes() const { return weight_bytes_; }
+
+  static constexpr int64_t kMaxBatch = 512;  // tokens per internal batch; longer inputs loop
+
+ private:
+  Matrix load_matrix(const std::map<std::string, TensorIn>& tensors, const std::string& name);
+  void forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
+                     float* logits);
+  struct MatmulJob {
+    const Matrix* w;
+    float* out;          // (n_tok, out_stride)
+    int64_t out_stride;
+  };
+  // out = x @ w.T for every job; x (n_tok, x_stride) is quantized once per activation format
+  // and all jobs' row chunks run in one parallel region (Q|K|V and gate|up fused).
+  void matmuls(const float* x, int64_t n_tok, int64_t x_stride, std::initializer_list<MatmulJob> jobs);
+  void attention(int64_t layer, int64_t n, int64_t start_pos);
+  void rope(float* v, int64_t n_heads_here, int64_t pos) const;
+  void embed(int32_t token, float* out) const;
+
+  HParams hp_;
+  int64_t n_ctx_;
+  bool kv_f16_;
+  const KernelTable* k_;
+  ThreadPool pool_;
+  std::mutex forward_mutex_;  // one forward at a time per model
+  size_t weight_bytes_ = 0;
+
+  Matrix token_embd;           // (n_vocab, dim)
+  std::vector<Layer> layers;
+  std::vector<float> output_norm;  // (dim)
+  Matrix output;                   // (n_vocab, dim); rows == 0 when tied to token_embd
+  std::vector<double> inv_freq_;   // (n_rot / 2) RoPE frequencies
+
+  // KV cache, per layer / kv head / position: (n_layers, n_kv_heads, n_ctx, head_dim)
+  Buffer kv_k_, kv_v_;
+
+  // Activations for one batch of up to kMaxBatch tokens, allocated once.
+  std::vector<float> x_;     // (batch, dim) residual stream
+  std::vector<float> xb_;    // (batch, dim) normed input of a sublayer
+  std::vector<float> q_;     // (batch, n_heads * head_dim)
+  std::vector<float> k_cur_; // (batch, n_kv_heads * head_dim)
+  std::vector<float> v_cur_; // (batch, n_kv_heads * head_dim)
+  std::vector<float> att_;   // (batch, n_heads * head_dim) attention output
+  std::vector<float> proj_;  // (batch, dim) output of attn_output / ffn_down
+  std::vector<float> gate_;  // (batch, ffn_dim)
+  std::vector<float> up_;    // (batch, ffn_dim)
+  Buffer act_q8_0_;          // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
+  Buffer act_q8_1_;          // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
+  std::vector<float> scores_;  // (n_threads, n_heads / n_kv_heads, n_ctx) attention scratch
+};
+
+}  // namespace alpaca

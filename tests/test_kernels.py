@@ -1,0 +1,97 @@
+"""Every native kernel equals its scalar twin (integer parts exactly) and the numpy twin
+(within a named tolerance), on every ISA this machine has."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from alpaca_cpu import _core
+from alpaca_cpu import quants as q
+
+# Relative tolerance of a GEMM result against the float64 numpy twin: block sums are exact
+# integers, so the only differences are float32 rounding of the per-block products and of the
+# accumulation order (n/32 terms), far below 1e-5 of the result's scale.
+GEMM_RTOL = 2e-5
+# Elementwise kernels: float32 vs float64 rounding of a few operations.
+ELEMENTWISE_RTOL = 1e-5
+
+WEIGHT_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.F16, T.F32]
+# (rows, n_tok, cols): rows not a multiple of 8, one row, K = 32 and K = 11008.
+SHAPES = [(1, 1, 32), (7, 3, 32), (13, 5, 96), (9, 2, 11008), (24, 17, 576)]
+
+
+def _operands(wtype: T, rows: int, n_tok: int, cols: int, seed: int):
+    rng = np.random.default_rng(seed)
+    w = q.quantize(rng.standard_normal((rows, cols)).astype(np.float32), wtype)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    atype = q.activation_type(wtype)
+    act = x if atype == T.F32 else q.quantize(x, atype)
+    return w, act
+
+
+@pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gemm_matches_numpy_twin_and_scalar(wtype: T, shape: tuple[int, int, int], isa: str) -> None:
+    rows, n_tok, cols = shape
+    w, act = _operands(wtype, rows, n_tok, cols, seed=rows * 1000 + cols)
+    expected = q.gemm(wtype, w, act if act.dtype == np.uint8 else q.quantize(act, T.F32), cols)
+    scale = np.abs(expected).max() + 1e-30
+    got = _core.gemm(int(wtype), w, act, cols, isa)
+    scalar = _core.gemm(int(wtype), w, act, cols, "scalar")
+    assert got.shape == (n_tok, rows)
+    assert np.abs(got - expected).max() <= GEMM_RTOL * scale
+    assert np.abs(got - scalar).max() <= GEMM_RTOL * scale
+
+
+def test_gemm_integer_parts_are_exact(isa: str) -> None:
+    """With all scales 1.0 the float result is an exact integer: no rounding may creep in."""
+    rng = np.random.default_rng(5)
+    rows, n_tok, cols = 11, 3, 256
+    w = q.quantize(rng.integers(-8, 8, (rows, cols)).astype(np.float32), T.Q8_0)
+    a = q.quantize(rng.integers(-127, 128, (n_tok, cols)).astype(np.float32), T.Q8_0)
+    for arr in (w, a):  # force every block scale to exactly 1.0
+        arr.reshape(-1, 34)[:, 0:2] = np.array([1.0], np.float16).view(np.uint8)
+    expected = q.gemm(T.Q8_0, w, a, cols)
+    got = _core.gemm(int(T.Q8_0), w, a, cols, isa)
+    assert np.array_equal(got, expected)
+    assert np.array_equal(got, np.round(got))
+
+
+def test_rmsnorm(isa: str) -> None:
+    rng = np.random.default_rng(6)
+    for n in (1, 7, 64, 576, 4099):
+        x = rng.standard_normal(n).astype(np.float32)
+        w = rng.standard_normal(n).astype(np.float32)
+        x64 = x.astype(np.float64)
+        expected = x64 / np.sqrt((x64 * x64).mean() + 1e-5) * w
+        got = _core.rmsnorm(x, w, 1e-5, isa)
+        assert np.allclose(got, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+
+
+def test_swiglu(isa: str) -> None:
+    rng = np.random.default_rng(7)
+    for n in (1, 9, 1536, 11008):
+        g = (rng.standard_normal(n) * 4).astype(np.float32)
+        u = rng.standard_normal(n).astype(np.float32)
+        g64 = g.astype(np.float64)
+        expected = g64 / (1 + np.exp(-g64)) * u
+        got = _core.swiglu(g, u, isa)
+        assert np.allclose(got, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+
+
+def test_axpy_f16(isa: str) -> None:
+    rng = np.random.default_rng(8)
+    for n in (1, 13, 64, 128):
+        x = rng.standard_normal(n).astype(np.float16)
+        y = rng.standard_normal(n).astype(np.float32)
+        expected = y.astype(np.float64) + 0.37 * x.astype(np.float64)
+        got = _core.axpy_f16(0.37, x.view(np.uint16), y, isa)
+        assert np.allclose(got, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+
+
+def test_unknown_isa_is_refused() -> None:
+    with pytest.raises(ValueError, match="not available"):
+        _core.gemm(int(T.F32), np.zeros((1, 128), np.uint8), np.zeros((1, 32), np.float32), 32,
+                   "no-such-isa")

@@ -1,0 +1,144 @@
+"""The native forward pass equals the numpy reference on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from tiny_model import TinySpec, write_tiny_model
+
+import alpaca_cpu
+from alpaca_cpu.reference import ReferenceModel
+
+# Max |logit difference| relative to the largest |logit|, engine vs float32 reference:
+# - float weights: only the F16 KV cache rounds (~2^-11 relative) and summation order differs.
+FLOAT_RTOL = 2e-3
+# - quantized weights: the engine also quantizes activations to int8 per 32-block (~0.5 %
+#   per value), as llama.cpp does; errors add up over layers.
+QUANT_RTOL = 3e-2
+# Same engine, same inputs, different batching or threads: only float summation order changes.
+SAME_ENGINE_RTOL = 1e-4
+
+SPECS = {
+    "mha-f32-untied": TinySpec(),
+    "gqa-f16-tied": TinySpec(wtype=T.F16, n_heads=4, n_kv_heads=2, tied=True, seed=1),
+    "gqa-q8_0-hd32": TinySpec(wtype=T.Q8_0, dim=128, n_heads=4, n_kv_heads=1, seed=2),
+    "mha-q4_0-hd128": TinySpec(wtype=T.Q4_0, n_heads=2, n_kv_heads=2, head_dim=128, seed=3),
+    "gqa-q4_1-tied-hd64": TinySpec(wtype=T.Q4_1, dim=128, n_heads=2, n_kv_heads=1, tied=True,
+                                   embd_type=T.Q8_0, rope_base=100000.0, seed=4),
+    "mha-q4_1-3layers": TinySpec(wtype=T.Q4_1, n_layers=3, ffn_dim=160, seed=5),
+}
+
+
+def rtol_for(spec: TinySpec) -> float:
+    return FLOAT_RTOL if spec.wtype in (T.F32, T.F16) else QUANT_RTOL
+
+
+def max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module", params=list(SPECS), ids=list(SPECS))
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    spec = SPECS[request.param]
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model.gguf", spec)
+    tokens = np.random.default_rng(spec.seed).integers(0, spec.n_vocab, 40).tolist()
+    ref = ReferenceModel(path, n_ctx=64).forward(tokens, all_logits=True)
+    return spec, path, tokens, ref
+
+
+def test_prefill_matches_reference(tiny, isa: str) -> None:
+    spec, path, tokens, ref = tiny
+    m = alpaca_cpu.Model(path, n_ctx=64, n_threads=2)
+    assert m.isa == isa
+    got = m.forward(tokens, all_logits=True)
+    assert got.shape == (len(tokens), spec.n_vocab) and got.dtype == np.float32
+    assert max_rel(got, ref) <= rtol_for(spec)
+    last = m.forward(tokens)  # rewinds to 0 and returns only the last row
+    assert last.shape == (spec.n_vocab,)
+    assert max_rel(last, got[-1]) <= SAME_ENGINE_RTOL
+
+
+def test_decode_token_by_token_matches_prefill(tiny, isa: str) -> None:
+    spec, path, tokens, ref = tiny
+    m = alpaca_cpu.Model(path, n_ctx=64, n_threads=2)
+    prefill = m.forward(tokens, all_logits=True)
+    steps = np.stack([m.forward([t], start_pos=i) for i, t in enumerate(tokens)])
+    assert max_rel(steps, prefill) <= SAME_ENGINE_RTOL
+    assert max_rel(steps, ref) <= rtol_for(spec)
+
+
+def test_one_thread_equals_many(tiny) -> None:
+    spec, path, tokens, _ = tiny
+    one = alpaca_cpu.Model(path, n_ctx=64, n_threads=1).forward(tokens, all_logits=True)
+    three = alpaca_cpu.Model(path, n_ctx=64, n_threads=3).forward(tokens, all_logits=True)
+    assert max_rel(three, one) <= SAME_ENGINE_RTOL
+
+
+def test_rewind_overwrites_later_positions(tiny) -> None:
+    spec, path, tokens, ref = tiny
+    m = alpaca_cpu.Model(path, n_ctx=64, n_threads=2)
+    m.forward(tokens[:30])
+    m.forward([(t + 1) % spec.n_vocab for t in tokens[20:30]], start_pos=20)  # a different branch
+    again = m.forward(tokens[20:], start_pos=20, all_logits=True)
+    assert max_rel(again, ref[20:]) <= rtol_for(spec)
+
+
+def test_f32_kv_cache_matches_reference(tiny) -> None:
+    spec, path, tokens, ref = tiny
+    got = alpaca_cpu.Model(path, n_ctx=64, kv_type="f32").forward(tokens, all_logits=True)
+    assert max_rel(got, ref) <= rtol_for(spec)
+
+
+def test_long_prefill_spans_internal_batches(tmp_path: Path) -> None:
+    """Inputs longer than the native batch (512) are split; logits must not notice."""
+    spec = TinySpec(context_length=1024, n_layers=1, seed=9)
+    path = write_tiny_model(tmp_path / "m.gguf", spec)
+    tokens = np.random.default_rng(9).integers(0, spec.n_vocab, 600)
+    m = alpaca_cpu.Model(path, n_ctx=700)
+    whole = m.forward(tokens, all_logits=True)
+    tail = ReferenceModel(path, n_ctx=700).forward(tokens, all_logits=True)
+    assert max_rel(whole, tail) <= FLOAT_RTOL
+    assert max_rel(m.forward(tokens), whole[-1]) <= SAME_ENGINE_RTOL
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> alpaca_cpu.Model:
+    path = write_tiny_model(tmp_path_factory.mktemp("small") / "m.gguf", TinySpec())
+    return alpaca_cpu.Model(path, n_ctx=16)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "start_pos", "message"),
+    [
+        ([], 0, "non-empty"),
+        ([1, 2], 15, "do not fit the context of 16"),
+        ([1], -1, "do not fit"),
+        ([1, 320], 0, "token id 320 at index 1"),
+        ([-5], 0, "token id -5"),
+        ([1.5], 0, "integer ids"),
+    ],
+)
+def test_bad_forward_arguments_raise_value_error(small_model, tokens, start_pos, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        small_model.forward(tokens, start_pos=start_pos)
+    # The model stays usable.
+    assert np.isfinite(small_model.forward([1, 2, 3])).all()
+
+
+def test_config_and_properties(small_model) -> None:
+    c = small_model.config
+    assert (c.n_vocab, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == (320, 64, 2, 4, 4, 16)
+    assert not c.tied_embeddings and c.n_rot == 16 and c.rope_base == 10000.0
+    assert small_model.n_ctx == 16 and small_model.n_threads >= 1
+    assert small_model.isa in alpaca_cpu.available_isas()
+
+
+def test_bad_constructor_arguments(tmp_path: Path) -> None:
+    path = write_tiny_model(tmp_path / "m.gguf", TinySpec())
+    for kwargs, msg in [({"n_ctx": 0}, "n_ctx"), ({"n_threads": 0}, "n_threads"),
+                        ({"kv_type": "q8"}, "kv_type")]:
+        with pytest.raises(ValueError, match=msg):
+            alpaca_cpu.Model(path, **kwargs)

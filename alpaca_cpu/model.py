@@ -78,3 +78,11 @@ class Model:
             raise ValueError(f"positions {start_pos}..{start_pos + arr.size - 1} do not fit the "
                              f"context of {self.n_ctx} tokens")
         return self._core.forward(arr.astype(np.int32), int(start_pos), bool(all_logits))
+
+    def save_kv(self, n_pos: int) -> bytes:
+        """The KV cache of positions [0, n_pos) (for saving a session)."""
+        return self._core.save_kv(int(n_pos))
+
+    def load_kv(self, data: bytes, n_pos: int) -> None:
+        """Restore positions [0, n_pos) of the KV cache from save_kv's bytes."""
+        self._core.load_kv(data, int(n_pos))

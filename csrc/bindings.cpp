@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string_view>
 #include <thread>
 
 #include "dispatch.h"
@@ -187,6 +188,20 @@ class PyModel {
     return out;
   }
 
+  py::bytes save_kv(int64_t n_pos) {
+    std::vector<uint8_t> v;
+    {
+      py::gil_scoped_release release;
+      v = model_->save_kv(n_pos);
+    }
+    return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
+  }
+
+  void load_kv(const py::bytes& data, int64_t n_pos) {
+    std::string_view sv = data;
+    model_->load_kv(reinterpret_cast<const uint8_t*>(sv.data()), sv.size(), n_pos);
+  }
+
   Model& model() { return *model_; }
 
  private:
@@ -215,6 +230,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("tensors"), py::arg("n_ctx"), py::arg("n_threads"), py::arg("kv_f16") = true)
       .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"),
            py::arg("all_logits"))
+      .def("save_kv", &PyModel::save_kv, py::arg("n_pos"))
+      .def("load_kv", &PyModel::load_kv, py::arg("data"), py::arg("n_pos"))
       .def_property_readonly("n_ctx", [](PyModel& p) { return p.model().n_ctx(); })
       .def_property_readonly("n_threads", [](PyModel& p) { return p.model().n_threads(); })
       .def_property_readonly("isa", [](PyModel& p) { return std::string(p.model().isa()); })

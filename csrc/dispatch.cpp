@@ -4,6 +4,12 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(ALPACA_HAVE_NEON) && defined(__linux__)
+#include <sys/auxv.h>  // getauxval(AT_HWCAP): the kernel's list of CPU features
+#elif defined(ALPACA_HAVE_NEON) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+
 namespace alpaca {
 
 #if defined(ALPACA_HAVE_X86)
@@ -14,13 +20,34 @@ static bool cpu_has_avx2() {
 }
 #endif
 
+#if defined(ALPACA_HAVE_NEON)
+#if defined(__linux__)
+#ifndef HWCAP_ASIMDDP  // older libc headers
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+static bool cpu_has_neon() { return getauxval(AT_HWCAP) & HWCAP_ASIMD; }
+static bool cpu_has_dotprod() { return getauxval(AT_HWCAP) & HWCAP_ASIMDDP; }
+#elif defined(__APPLE__)
+static bool cpu_has_neon() { return true; }  // every Apple arm64 CPU
+static bool cpu_has_dotprod() {
+  int v = 0;
+  size_t len = sizeof(v);
+  return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, nullptr, 0) == 0 && v != 0;
+}
+#else
+static bool cpu_has_neon() { return true; }  // Advanced SIMD is in every AArch64 ABI we build for
+static bool cpu_has_dotprod() { return false; }  // no portable way to ask: stay on plain NEON
+#endif
+#endif
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> out{"scalar"};
 #if defined(ALPACA_HAVE_X86)
   if (cpu_has_avx2()) out.push_back("avx2");
 #endif
 #if defined(ALPACA_HAVE_NEON)
-  out.push_back("neon");
+  if (cpu_has_neon()) out.push_back("neon");
+  if (cpu_has_neon() && cpu_has_dotprod()) out.push_back("neon_dotprod");
 #endif
   return out;
 }
@@ -40,6 +67,7 @@ const KernelTable* kernels_for(const std::string& name) {
 #endif
 #if defined(ALPACA_HAVE_NEON)
   if (name == "neon") return neon_kernels();
+  if (name == "neon_dotprod") return neon_dotprod_kernels();
 #endif
   throw std::invalid_argument("ISA '" + name + "' has no kernel table");
 }

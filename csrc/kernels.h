@@ -59,6 +59,7 @@ struct KernelTable {
 const KernelTable* scalar_kernels();
 const KernelTable* avx2_kernels();
 const KernelTable* avx512_kernels();
-const KernelTable* neon_kernels();
+const KernelTable* neon_kernels();          // plain Armv8-A Advanced SIMD (every aarch64 CPU)
+const KernelTable* neon_dotprod_kernels();  // + SDOT (Armv8.2 dotprod), where the CPU reports it
 
 }  // namespace alpaca

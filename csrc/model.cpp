@@ -220,6 +220,34 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
   });
 }
 
+std::vector<uint8_t> Model::save_kv(int64_t n_pos) {
+  if (n_pos < 0 || n_pos > n_ctx_) throw std::invalid_argument("save_kv: n_pos outside the context");
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  const size_t eb = kv_f16_ ? 2 : 4, run = size_t(n_pos) * hp_.head_dim * eb;
+  const size_t n_runs = size_t(hp_.n_layers) * hp_.n_kv_heads, stride = size_t(n_ctx_) * hp_.head_dim * eb;
+  std::vector<uint8_t> out(2 * n_runs * run);
+  for (size_t i = 0; i < n_runs; i++) {
+    std::memcpy(out.data() + i * run, kv_k_.data() + i * stride, run);
+    std::memcpy(out.data() + (n_runs + i) * run, kv_v_.data() + i * stride, run);
+  }
+  return out;
+}
+
+void Model::load_kv(const uint8_t* data, size_t nbytes, int64_t n_pos) {
+  if (n_pos < 0 || n_pos > n_ctx_) throw std::invalid_argument("load_kv: n_pos outside the context");
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  const size_t eb = kv_f16_ ? 2 : 4, run = size_t(n_pos) * hp_.head_dim * eb;
+  const size_t n_runs = size_t(hp_.n_layers) * hp_.n_kv_heads, stride = size_t(n_ctx_) * hp_.head_dim * eb;
+  if (nbytes != 2 * n_runs * run)
+    throw std::invalid_argument("load_kv: state of " + std::to_string(nbytes) + " bytes, expected " +
+                                std::to_string(2 * n_runs * run) + " for " + std::to_string(n_pos) +
+                                " positions of this model and cache type");
+  for (size_t i = 0; i < n_runs; i++) {
+    std::memcpy(kv_k_.data() + i * stride, data + i * run, run);
+    std::memcpy(kv_v_.data() + i * stride, data + (n_runs + i) * run, run);
+  }
+}
+
 void Model::forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
                     float* logits) {
   if (n < 1) throw std::invalid_argument("forward: empty batch of tokens");

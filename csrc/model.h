@@ -72,6 +72,10 @@ class Model {
   void forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
                float* logits);
 
+  // The KV cache of positions [0, n_pos) as bytes, and back (for save/load of a session).
+  std::vector<uint8_t> save_kv(int64_t n_pos);
+  void load_kv(const uint8_t* data, size_t nbytes, int64_t n_pos);
+
   const HParams& hparams() const { return hp_; }
   int64_t n_ctx() const { return n_ctx_; }
   int n_threads() const { return pool_.size(); }

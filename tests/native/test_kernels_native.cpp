@@ -1,0 +1,632 @@
+// Native kernel test: every kernel table this CPU and build offer, compared with the scalar
+// table. No Python, so the same driver runs natively (x86-64: scalar vs avx2) and
+// cross-compiled under qemu-user (aarch64: scalar vs neon and neon_dotprod; see
+// run_neon_qemu.sh). tests/test_native_kernels.py builds and runs both.
+//
+//   test_kernels_native [--expect-isas scalar,neon,neon_dotprod]
+//
+// --expect-isas also checks runtime detection: available_isas() must be exactly that list.
+// Prints one line per failing check and a closing "N passed, M failed"; exits 1 on failure.
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "kernels.h"
+
+using namespace alpaca;
+
+namespace {
+
+// Dot products and gemm: per-block integer sums are exact on every ISA; what may differ is the
+// float32 rounding of the per-block scale products and the order of accumulation (SIMD lanes,
+// unrolling, FMA). Both errors scale with sum_i |w_i * a_i| (not with the result, which can
+// cancel to ~0), and a rounding random walk stays near 1e-7 of that sum. 1e-5 leaves 100x
+// headroom, while one wrong element out of K = 11008 (~1/K = 9e-5 of the sum) still fails;
+// the exact-integer checks below catch any wrong element outright.
+constexpr double kDotRelTol = 1e-5;
+// Elementwise kernels (rmsnorm, swiglu, axpy_f16): a few float32 roundings per element (FMA or
+// not, a different summation order for rmsnorm's sum of squares). Values are O(1); the
+// absolute floor covers results that land near zero.
+constexpr double kElemRelTol = 1e-5;
+constexpr double kElemAbsTol = 1e-6;
+
+int g_passed = 0, g_failed = 0;
+
+std::string fmt(const char* f, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+// One check: `err` is empty when it passed, else what went wrong.
+void record(const std::string& what, const std::string& err) {
+  if (err.empty()) {
+    g_passed++;
+  } else {
+    g_failed++;
+    std::printf("FAIL %s: %s\n", what.c_str(), err.c_str());
+  }
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+bool half_is_nan(fp16_t h) { return (h & 0x7fff) > 0x7c00; }
+
+// fp16 conversions must be bit-exact, except that a NaN only has to stay a NaN of the same
+// sign: hardware converters (F16C, FCVT) quiet signalling NaNs and keep payload bits, the
+// portable twin does not, and no kernel gives NaN payloads a meaning.
+bool same_float_or_nan(float a, float b) {
+  return bits(a) == bits(b) ||
+         (std::isnan(a) && std::isnan(b) && std::signbit(a) == std::signbit(b));
+}
+
+bool same_half_or_nan(fp16_t a, fp16_t b) {
+  return a == b || (half_is_nan(a) && half_is_nan(b) && (a & 0x8000) == (b & 0x8000));
+}
+
+std::vector<float> normal(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+const char* type_name(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: return "f32";
+    case GgmlType::F16: return "f16";
+    case GgmlType::Q4_0: return "q4_0";
+    case GgmlType::Q4_1: return "q4_1";
+    case GgmlType::Q8_0: return "q8_0";
+    case GgmlType::Q8_1: return "q8_1";
+  }
+  return "?";
+}
+
+// The activation format each weight type is paired with (see KernelTable::gemm).
+GgmlType act_type(GgmlType w) {
+  switch (w) {
+    case GgmlType::Q4_0: return GgmlType::Q8_0;
+    case GgmlType::Q4_1: return GgmlType::Q8_1;
+    case GgmlType::Q8_0: return GgmlType::Q8_0;
+    default: return GgmlType::F32;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operands: `rows` rows of `n` elements in a storage type, stored `stride` bytes apart, plus
+// their exact values as doubles (dequantized with the portable scalar code).
+
+struct Rows {
+  GgmlType type;
+  int64_t rows, n;
+  size_t stride;
+  std::vector<uint8_t> bytes;  // (rows, stride)
+  std::vector<double> values;  // (rows, n)
+  const uint8_t* row(int64_t r) const { return bytes.data() + size_t(r) * stride; }
+};
+
+// Decode one stored row to doubles, from the layout alone (independent of any kernel table).
+void decode_row(GgmlType t, const uint8_t* src, int64_t n, double* out) {
+  for (int64_t b = 0; b < (is_block_type(t) ? n / QK : 0); b++) {
+    double* o = out + b * QK;
+    if (t == GgmlType::Q4_0) {
+      const auto& blk = reinterpret_cast<const block_q4_0*>(src)[b];
+      const double d = fp16_to_fp32(blk.d);
+      for (int j = 0; j < QK / 2; j++) {
+        o[j] = d * ((blk.qs[j] & 0x0f) - 8);
+        o[j + QK / 2] = d * ((blk.qs[j] >> 4) - 8);
+      }
+    } else if (t == GgmlType::Q4_1) {
+      const auto& blk = reinterpret_cast<const block_q4_1*>(src)[b];
+      const double d = fp16_to_fp32(blk.d), m = fp16_to_fp32(blk.m);
+      for (int j = 0; j < QK / 2; j++) {
+        o[j] = d * (blk.qs[j] & 0x0f) + m;
+        o[j + QK / 2] = d * (blk.qs[j] >> 4) + m;
+      }
+    } else if (t == GgmlType::Q8_0) {
+      const auto& blk = reinterpret_cast<const block_q8_0*>(src)[b];
+      for (int j = 0; j < QK; j++) o[j] = double(fp16_to_fp32(blk.d)) * blk.qs[j];
+    } else if (t == GgmlType::Q8_1) {
+      const auto& blk = reinterpret_cast<const block_q8_1*>(src)[b];
+      for (int j = 0; j < QK; j++) o[j] = double(fp16_to_fp32(blk.d)) * blk.qs[j];
+    }
+  }
+  if (t == GgmlType::F16) {
+    for (int64_t i = 0; i < n; i++) out[i] = fp16_to_fp32(reinterpret_cast<const fp16_t*>(src)[i]);
+  } else if (t == GgmlType::F32) {
+    for (int64_t i = 0; i < n; i++) out[i] = reinterpret_cast<const float*>(src)[i];
+  }
+}
+
+// Rows of normal random floats stored as `t` by the scalar table's quantizers. Strides get
+// 16 bytes of padding so a kernel that ignores the stride reads the wrong data.
+Rows random_rows(GgmlType t, int64_t rows, int64_t n, uint32_t seed) {
+  Rows r{t, rows, n, row_bytes(t, n) + 16, {}, {}};
+  r.bytes.assign(size_t(rows) * r.stride, 0xA5);
+  r.values.resize(size_t(rows * n));
+  const KernelTable& s = *scalar_kernels();
+  for (int64_t i = 0; i < rows; i++) {
+    const std::vector<float> x = normal(size_t(n), seed + uint32_t(i));
+    uint8_t* dst = r.bytes.data() + size_t(i) * r.stride;
+    switch (t) {
+      case GgmlType::Q4_0: s.quantize_row_q4_0(x.data(), reinterpret_cast<block_q4_0*>(dst), n); break;
+      case GgmlType::Q4_1: s.quantize_row_q4_1(x.data(), reinterpret_cast<block_q4_1*>(dst), n); break;
+      case GgmlType::Q8_0: s.quantize_row_q8_0(x.data(), reinterpret_cast<block_q8_0*>(dst), n); break;
+      case GgmlType::Q8_1: s.quantize_row_q8_1(x.data(), reinterpret_cast<block_q8_1*>(dst), n); break;
+      case GgmlType::F16: s.fp32_to_fp16_row(x.data(), reinterpret_cast<fp16_t*>(dst), n); break;
+      case GgmlType::F32: std::memcpy(dst, x.data(), size_t(n) * 4); break;
+    }
+    decode_row(t, dst, n, r.values.data() + i * n);
+  }
+  return r;
+}
+
+// Rows whose values are small integers and whose scales are 1.0, so every product, block sum
+// and partial sum is an integer below 2^24: any correct kernel returns the exact result.
+// `amp` bounds |q| of int8 types.
+Rows integer_rows(GgmlType t, int64_t rows, int64_t n, uint32_t seed, int amp) {
+  Rows r{t, rows, n, row_bytes(t, n) + 16, {}, {}};
+  r.bytes.assign(size_t(rows) * r.stride, 0x5A);
+  r.values.resize(size_t(rows * n));
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> nib(0, 255), q(-amp, amp), small(-8, 8);
+  const fp16_t one = 0x3c00;
+  for (int64_t i = 0; i < rows; i++) {
+    uint8_t* dst = r.bytes.data() + size_t(i) * r.stride;
+    for (int64_t b = 0; b < (is_block_type(t) ? n / QK : 0); b++) {
+      if (t == GgmlType::Q4_0) {
+        auto& blk = reinterpret_cast<block_q4_0*>(dst)[b];
+        blk.d = one;
+        for (auto& v : blk.qs) v = uint8_t(nib(rng));
+      } else if (t == GgmlType::Q4_1) {
+        auto& blk = reinterpret_cast<block_q4_1*>(dst)[b];
+        blk.d = one;
+        blk.m = one;
+        for (auto& v : blk.qs) v = uint8_t(nib(rng));
+      } else if (t == GgmlType::Q8_0) {
+        auto& blk = reinterpret_cast<block_q8_0*>(dst)[b];
+        blk.d = one;
+        for (auto& v : blk.qs) v = int8_t(q(rng));
+      } else if (t == GgmlType::Q8_1) {
+        auto& blk = reinterpret_cast<block_q8_1*>(dst)[b];
+        blk.d = one;
+        int sum = 0;
+        for (auto& v : blk.qs) sum += v = int8_t(q(rng));
+        blk.s = fp32_to_fp16(float(sum));  // |sum| <= 32 * amp < 2048: exact in fp16
+      }
+    }
+    for (int64_t j = 0; j < n; j++) {
+      if (t == GgmlType::F16) reinterpret_cast<fp16_t*>(dst)[j] = fp32_to_fp16(float(small(rng)));
+      if (t == GgmlType::F32) reinterpret_cast<float*>(dst)[j] = float(small(rng));
+    }
+    decode_row(t, dst, n, r.values.data() + i * n);
+  }
+  return r;
+}
+
+float table_dot(const KernelTable& k, GgmlType wt, int64_t n, const uint8_t* w, const uint8_t* a) {
+  switch (wt) {
+    case GgmlType::Q4_0:
+      return k.dot_q4_0_q8_0(n, reinterpret_cast<const block_q4_0*>(w), reinterpret_cast<const block_q8_0*>(a));
+    case GgmlType::Q4_1:
+      return k.dot_q4_1_q8_1(n, reinterpret_cast<const block_q4_1*>(w), reinterpret_cast<const block_q8_1*>(a));
+    case GgmlType::Q8_0:
+      return k.dot_q8_0_q8_0(n, reinterpret_cast<const block_q8_0*>(w), reinterpret_cast<const block_q8_0*>(a));
+    case GgmlType::F16:
+      return k.dot_f16_f32(n, reinterpret_cast<const fp16_t*>(w), reinterpret_cast<const float*>(a));
+    default:
+      return k.dot_f32_f32(n, reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(a));
+  }
+}
+
+// sum_i |w_i * a_i| of weight row r and activation row t: the scale of rounding errors.
+double magnitude(const Rows& w, int64_t r, const Rows& a, int64_t t) {
+  double m = 0.0;
+  for (int64_t i = 0; i < w.n; i++) m += std::fabs(w.values[r * w.n + i] * a.values[t * a.n + i]);
+  return m;
+}
+
+double exact_dot(const Rows& w, int64_t r, const Rows& a, int64_t t) {
+  double s = 0.0;  // integer operands: every partial sum is exact in double
+  for (int64_t i = 0; i < w.n; i++) s += w.values[r * w.n + i] * a.values[t * a.n + i];
+  return s;
+}
+
+const GgmlType kWeightTypes[] = {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16,
+                                 GgmlType::F32};
+
+// ---------------------------------------------------------------------------------------------
+// Quantizers and dequantizers: bit-exact with the scalar twin.
+
+// Blocks chosen to hit every rounding corner, 32 floats each.
+std::vector<float> quantizer_inputs() {
+  std::vector<float> x;
+  auto block = [&](auto f) { for (int j = 0; j < QK; j++) x.push_back(f(j)); };
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> k(-127, 126);
+  // amax = 127 makes d = 1 and id = 1 exactly, so x.5 values are exact ties: roundf sends
+  // them away from zero, round-to-even hardware modes would not.
+  block([&](int j) { return j == 0 ? 127.0f : float(k(rng)) + 0.5f; });
+  block([&](int j) { return j == 5 ? -127.0f : float(k(rng)) + 0.5f; });
+  block([&](int j) { return j % 2 ? 0.5f : -2.5f; });
+  block([](int) { return 0.0f; });                                   // d = 0, id = 0
+  block([](int j) { return j == 3 ? -0.0f : 0.0f; });
+  block([](int j) { return j == 17 ? 1e-3f : 0.0f; });                // one nonzero
+  block([](int j) { return j == 9 ? -7.0f : 0.25f * float(j % 5); }); // negative largest
+  block([](int j) { return float(j - 16); });                         // ramp
+  block([](int j) { return std::ldexp(float(j % 7) - 3.0f, -121); }); // d subnormal, id finite
+  // (A block with amax below ~3.7e-37 makes id = 1/d overflow to inf; the scalar twin then
+  // converts +-inf to int8, which is undefined behaviour, so no kernel is held to it.)
+  // Normal data at scales from 1e-30 to 1e30, one scale per block.
+  for (int b = 0; b < 64; b++) {
+    const std::vector<float> v = normal(QK, 100 + b, std::pow(10.0f, float(b - 32) * 30.0f / 32.0f));
+    x.insert(x.end(), v.begin(), v.end());
+  }
+  return x;
+}
+
+template <typename Block, typename Fn>
+std::string compare_quantizer(Fn fs, Fn ft, const std::vector<float>& x) {
+  const int64_t k = int64_t(x.size());
+  std::vector<Block> ys(size_t(k / QK)), yt(size_t(k / QK));
+  std::memset(ys.data(), 0, ys.size() * sizeof(Block));
+  std::memset(yt.data(), 0xff, yt.size() * sizeof(Block));  // padding bytes must not matter
+  fs(x.data(), ys.data(), k);
+  ft(x.data(), yt.data(), k);
+  for (size_t b = 0; b < ys.size(); b++) {
+    if (std::memcmp(&ys[b], &yt[b], sizeof(Block)) != 0) {
+      const auto* ps = reinterpret_cast<const uint8_t*>(&ys[b]);
+      const auto* pt = reinterpret_cast<const uint8_t*>(&yt[b]);
+      size_t i = 0;
+      while (ps[i] == pt[i]) i++;
+      return fmt("block %zu of %lld differs at byte %zu: scalar 0x%02x, got 0x%02x", b,
+                 (long long)ys.size(), i, ps[i], pt[i]);
+    }
+  }
+  return "";
+}
+
+template <typename Block, typename Fn>
+std::string compare_dequantizer(Fn fs, Fn ft, uint32_t seed) {
+  // Random bytes with a random finite fp16 scale (and min): every bit pattern of qs.
+  const int64_t nb = 97;
+  std::vector<Block> blocks(nb);
+  std::mt19937 rng(seed);
+  auto* p = reinterpret_cast<uint8_t*>(blocks.data());
+  for (size_t i = 0; i < blocks.size() * sizeof(Block); i++) p[i] = uint8_t(rng());
+  for (auto& blk : blocks) {
+    fp16_t* h = reinterpret_cast<fp16_t*>(&blk);  // d, then m for q4_1: both lead the block
+    for (size_t i = 0; i < (sizeof(Block) == sizeof(block_q4_1) ? 2u : 1u); i++) {
+      if ((h[i] & 0x7c00) == 0x7c00) h[i] &= 0xbfff;  // inf/NaN exponent -> finite
+    }
+  }
+  std::vector<float> ys(size_t(nb * QK)), yt(size_t(nb * QK));
+  fs(blocks.data(), ys.data(), nb * QK);
+  ft(blocks.data(), yt.data(), nb * QK);
+  for (size_t i = 0; i < ys.size(); i++) {
+    if (bits(ys[i]) != bits(yt[i])) {
+      return fmt("element %zu: scalar %.9g, got %.9g", i, ys[i], yt[i]);
+    }
+  }
+  return "";
+}
+
+void test_quantizers(const KernelTable& s, const KernelTable& t) {
+  const std::string isa = t.name;
+  std::vector<std::pair<std::string, std::vector<float>>> inputs = {
+      {"corners", quantizer_inputs()},
+      {"k=32", normal(32, 1)},
+      {"k=96", normal(96, 2, 3.0f)},
+      {"k=11008", normal(11008, 3, 0.05f)},
+  };
+  for (const auto& [label, x] : inputs) {
+    record(isa + " quantize_row_q8_0 " + label,
+           compare_quantizer<block_q8_0>(s.quantize_row_q8_0, t.quantize_row_q8_0, x));
+    record(isa + " quantize_row_q8_1 " + label,
+           compare_quantizer<block_q8_1>(s.quantize_row_q8_1, t.quantize_row_q8_1, x));
+    record(isa + " quantize_row_q4_0 " + label,
+           compare_quantizer<block_q4_0>(s.quantize_row_q4_0, t.quantize_row_q4_0, x));
+    record(isa + " quantize_row_q4_1 " + label,
+           compare_quantizer<block_q4_1>(s.quantize_row_q4_1, t.quantize_row_q4_1, x));
+  }
+  record(isa + " dequantize_row_q4_0",
+         compare_dequantizer<block_q4_0>(s.dequantize_row_q4_0, t.dequantize_row_q4_0, 21));
+  record(isa + " dequantize_row_q4_1",
+         compare_dequantizer<block_q4_1>(s.dequantize_row_q4_1, t.dequantize_row_q4_1, 22));
+  record(isa + " dequantize_row_q8_0",
+         compare_dequantizer<block_q8_0>(s.dequantize_row_q8_0, t.dequantize_row_q8_0, 23));
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 <-> fp32 rows: bit-exact (NaNs: see same_float_or_nan).
+
+void test_fp16(const KernelTable& s, const KernelTable& t) {
+  const std::string isa = t.name;
+  // Every half, as one row; then short misaligned slices so the tail loops run too.
+  std::vector<fp16_t> halves(65536);
+  for (size_t i = 0; i < halves.size(); i++) halves[i] = fp16_t(i);
+  std::vector<float> fs(halves.size()), ft(halves.size());
+  std::string err;
+  s.fp16_to_fp32_row(halves.data(), fs.data(), int64_t(halves.size()));
+  t.fp16_to_fp32_row(halves.data(), ft.data(), int64_t(halves.size()));
+  for (size_t i = 0; i < halves.size() && err.empty(); i++) {
+    if (!same_float_or_nan(fs[i], ft[i])) {
+      err = fmt("half 0x%04zx: scalar 0x%08x, got 0x%08x", i, bits(fs[i]), bits(ft[i]));
+    }
+  }
+  record(isa + " fp16_to_fp32_row all 65536 halves", err);
+  err.clear();
+  for (int64_t len : {1, 3, 7, 9, 15, 17, 29}) {
+    std::vector<float> a(size_t(len), -1.0f), b(size_t(len), -2.0f);
+    s.fp16_to_fp32_row(halves.data() + 0x3c01, a.data(), len);
+    t.fp16_to_fp32_row(halves.data() + 0x3c01, b.data(), len);
+    for (int64_t i = 0; i < len && err.empty(); i++) {
+      if (bits(a[size_t(i)]) != bits(b[size_t(i)])) err = fmt("k=%lld element %lld", (long long)len, (long long)i);
+    }
+  }
+  record(isa + " fp16_to_fp32_row short rows", err);
+
+  // fp32 -> fp16: every half's value, every midpoint between neighbouring halves (ties to
+  // even) and one float ulp either side of it, the overflow edge, and random float bits.
+  std::vector<float> x;
+  for (uint32_t h = 0; h < 65536; h++) {
+    const float v = fp16_to_fp32(fp16_t(h));
+    if (!std::isfinite(v)) continue;
+    x.push_back(v);
+    if ((h & 0x7fff) == 0x7bff) continue;  // 65504: its "midpoint" is the overflow edge below
+    const float mid = 0.5f * (v + fp16_to_fp32(fp16_t(h + 1)));  // exact: halves have 11 bits
+    x.push_back(mid);
+    x.push_back(std::nextafter(mid, 0.0f));
+    x.push_back(std::nextafter(mid, 2.0f * mid));
+  }
+  for (float v : {65504.0f, 65519.996f, 65520.0f, 65536.0f, 1e10f, 2.9802322e-8f, 2.9802326e-8f,
+                  1e-45f, 0.0f, INFINITY}) {
+    x.push_back(v);
+    x.push_back(-v);
+  }
+  x.push_back(NAN);
+  x.push_back(from_bits(0x7f800001u));  // signalling NaN
+  x.push_back(from_bits(0xffc12345u));
+  std::mt19937 rng(31);
+  for (int i = 0; i < 65536; i++) x.push_back(from_bits(rng()));
+  while (x.size() % 8 != 5) x.push_back(1.0f);  // a row length that leaves a tail
+  std::vector<fp16_t> hs(x.size()), ht(x.size());
+  s.fp32_to_fp16_row(x.data(), hs.data(), int64_t(x.size()));
+  t.fp32_to_fp16_row(x.data(), ht.data(), int64_t(x.size()));
+  err.clear();
+  for (size_t i = 0; i < x.size() && err.empty(); i++) {
+    if (!same_half_or_nan(hs[i], ht[i])) {
+      err = fmt("float %.9g (0x%08x): scalar 0x%04x, got 0x%04x", x[i], bits(x[i]), hs[i], ht[i]);
+    }
+  }
+  record(isa + fmt(" fp32_to_fp16_row %zu floats", x.size()), err);
+  // Short slices from the midpoint and random-bits regions, so the tail loop meets ties too.
+  err.clear();
+  for (size_t start : {size_t(40001), size_t(x.size() - 40003)}) {
+    for (int64_t len : {1, 3, 7, 9, 15, 17, 29}) {
+      std::vector<fp16_t> a(static_cast<size_t>(len)), b(static_cast<size_t>(len));
+      s.fp32_to_fp16_row(x.data() + start, a.data(), len);
+      t.fp32_to_fp16_row(x.data() + start, b.data(), len);
+      for (int64_t i = 0; i < len && err.empty(); i++) {
+        if (!same_half_or_nan(a[size_t(i)], b[size_t(i)])) {
+          err = fmt("k=%lld element %lld: scalar 0x%04x, got 0x%04x", (long long)len, (long long)i,
+                    a[size_t(i)], b[size_t(i)]);
+        }
+      }
+    }
+  }
+  record(isa + " fp32_to_fp16_row short rows", err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot products and gemm.
+
+void test_dots(const KernelTable& s, const KernelTable& t) {
+  const std::string isa = t.name;
+  for (GgmlType wt : kWeightTypes) {
+    std::vector<int64_t> sizes = {32, 96, 11008};
+    if (!is_block_type(wt)) sizes.insert(sizes.end(), {1, 7, 15, 33, 11007});
+    for (int64_t n : sizes) {
+      const Rows w = random_rows(wt, 1, n, uint32_t(n) * 7 + 1);
+      const Rows a = random_rows(act_type(wt), 1, n, uint32_t(n) * 7 + 2);
+      const double ref = table_dot(s, wt, n, w.row(0), a.row(0));
+      const double got = table_dot(t, wt, n, w.row(0), a.row(0));
+      const double tol = kDotRelTol * magnitude(w, 0, a, 0);
+      record(isa + fmt(" dot %s K=%lld", type_name(wt), (long long)n),
+             std::fabs(got - ref) <= tol
+                 ? ""
+                 : fmt("scalar %.9g, got %.9g, |diff| %.3g > tol %.3g", ref, got, std::fabs(got - ref), tol));
+    }
+  }
+}
+
+// Integer operands with unit scales: the exact result, on every table including scalar.
+void test_exact(const KernelTable& t) {
+  const std::string isa = t.name;
+  for (GgmlType wt : kWeightTypes) {
+    // Amplitudes keep sum |w * a| below 2^24 at K = 11008 (see integer_rows).
+    const int amp_w = 30, amp_a = wt == GgmlType::Q4_0 ? 127 : wt == GgmlType::Q4_1 ? 60 : 30;
+    for (int64_t n : {32, 96, 11008}) {
+      const Rows w = integer_rows(wt, 5, n, uint32_t(n) + 3, amp_w);
+      const Rows a = integer_rows(act_type(wt), 3, n, uint32_t(n) + 4, amp_a);
+      std::string err;
+      const double want = exact_dot(w, 0, a, 0);
+      const float got = table_dot(t, wt, n, w.row(0), a.row(0));
+      if (double(got) != want) err = fmt("dot: want %.1f, got %.9g", want, got);
+      std::vector<float> out(3 * 5);
+      t.gemm(wt, n, w.bytes.data(), w.stride, 5, a.bytes.data(), a.stride, 3, out.data(), 5);
+      for (int64_t tok = 0; tok < 3 && err.empty(); tok++) {
+        for (int64_t r = 0; r < 5 && err.empty(); r++) {
+          const double e = exact_dot(w, r, a, tok);
+          if (double(out[size_t(tok * 5 + r)]) != e) {
+            err = fmt("gemm row %lld token %lld: want %.1f, got %.9g", (long long)r, (long long)tok, e,
+                      out[size_t(tok * 5 + r)]);
+          }
+        }
+      }
+      record(isa + fmt(" exact integer dot+gemm %s K=%lld", type_name(wt), (long long)n), err);
+    }
+  }
+}
+
+void test_gemm(const KernelTable& s, const KernelTable& t) {
+  const std::string isa = t.name;
+  struct Shape { int64_t rows, n_tok, n; };
+  // One row, rows not a multiple of 8, K = 32, 96 and 11008.
+  const Shape shapes[] = {{1, 1, 32}, {7, 3, 32}, {13, 5, 96}, {9, 2, 11008}, {24, 17, 576}};
+  for (GgmlType wt : kWeightTypes) {
+    for (const Shape& sh : shapes) {
+      const Rows w = random_rows(wt, sh.rows, sh.n, uint32_t(sh.rows * 1000 + sh.n));
+      const Rows a = random_rows(act_type(wt), sh.n_tok, sh.n, uint32_t(sh.rows * 1000 + sh.n + 1));
+      const int64_t out_stride = sh.rows + 3;  // padding columns must stay untouched
+      const float sentinel = from_bits(0x7fc0dead);
+      std::vector<float> os(size_t(sh.n_tok * out_stride), sentinel), ot = os;
+      s.gemm(wt, sh.n, w.bytes.data(), w.stride, sh.rows, a.bytes.data(), a.stride, sh.n_tok,
+             os.data(), out_stride);
+      t.gemm(wt, sh.n, w.bytes.data(), w.stride, sh.rows, a.bytes.data(), a.stride, sh.n_tok,
+             ot.data(), out_stride);
+      std::string err;
+      for (int64_t tok = 0; tok < sh.n_tok && err.empty(); tok++) {
+        for (int64_t r = 0; r < out_stride && err.empty(); r++) {
+          const float ref = os[size_t(tok * out_stride + r)], got = ot[size_t(tok * out_stride + r)];
+          if (r >= sh.rows) {
+            if (bits(got) != bits(sentinel)) err = fmt("wrote padding column %lld", (long long)r);
+            continue;
+          }
+          const double tol = kDotRelTol * magnitude(w, r, a, tok);
+          if (!(std::fabs(double(got) - double(ref)) <= tol)) {
+            err = fmt("row %lld token %lld: scalar %.9g, got %.9g, tol %.3g", (long long)r,
+                      (long long)tok, ref, got, tol);
+          }
+        }
+      }
+      record(isa + fmt(" gemm %s rows=%lld tok=%lld K=%lld", type_name(wt), (long long)sh.rows,
+                       (long long)sh.n_tok, (long long)sh.n),
+             err);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise kernels.
+
+std::string compare_elementwise(const std::vector<float>& ref, const std::vector<float>& got) {
+  for (size_t i = 0; i < ref.size(); i++) {
+    const double d = std::fabs(double(got[i]) - double(ref[i]));
+    if (!(d <= kElemRelTol * std::fabs(double(ref[i])) + kElemAbsTol)) {
+      return fmt("element %zu: scalar %.9g, got %.9g", i, ref[i], got[i]);
+    }
+  }
+  return "";
+}
+
+void test_elementwise(const KernelTable& s, const KernelTable& t) {
+  const std::string isa = t.name;
+  for (int64_t n : {1, 7, 64, 576, 4099}) {
+    const std::vector<float> x = normal(size_t(n), 41), w = normal(size_t(n), 42);
+    std::vector<float> ys(static_cast<size_t>(n)), yt(static_cast<size_t>(n));
+    s.rmsnorm(x.data(), w.data(), ys.data(), n, 1e-5f);
+    t.rmsnorm(x.data(), w.data(), yt.data(), n, 1e-5f);
+    record(isa + fmt(" rmsnorm n=%lld", (long long)n), compare_elementwise(ys, yt));
+  }
+  for (int64_t n : {1, 9, 1536, 11008}) {
+    const std::vector<float> g = normal(size_t(n), 43, 4.0f), u = normal(size_t(n), 44);
+    std::vector<float> ys(static_cast<size_t>(n)), yt(static_cast<size_t>(n));
+    s.swiglu(g.data(), u.data(), ys.data(), n);
+    t.swiglu(g.data(), u.data(), yt.data(), n);
+    record(isa + fmt(" swiglu n=%lld", (long long)n), compare_elementwise(ys, yt));
+  }
+  for (int64_t n : {1, 7, 8, 33, 4099}) {
+    const std::vector<float> xf = normal(size_t(n), 45);
+    std::vector<fp16_t> x(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; i++) x[size_t(i)] = fp32_to_fp16(xf[size_t(i)]);
+    std::vector<float> ys = normal(size_t(n), 46), yt = ys;
+    s.axpy_f16(n, 0.37f, x.data(), ys.data());
+    t.axpy_f16(n, 0.37f, x.data(), yt.data());
+    record(isa + fmt(" axpy_f16 n=%lld", (long long)n), compare_elementwise(ys, yt));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ",") + x;
+  return s;
+}
+
+void test_dispatch(const std::vector<std::string>& isas, const std::string& expected) {
+  if (!expected.empty()) {
+    record("available_isas() == " + expected,
+           join(isas) == expected ? "" : "runtime detection gave " + join(isas));
+  }
+  // Every ISA this build might know: present ones give their table, absent ones refuse.
+  for (const char* name : {"scalar", "avx2", "avx512", "neon", "neon_dotprod"}) {
+    bool listed = false;
+    for (const auto& i : isas) listed = listed || i == name;
+    std::string err;
+    try {
+      const KernelTable* k = kernels_for(name);
+      if (!listed) err = "not listed, yet kernels_for gave a table";
+      else if (std::string(k->name) != name) err = fmt("table is named '%s'", k->name);
+    } catch (const std::invalid_argument&) {
+      if (listed) err = "listed, yet kernels_for refused it";
+    }
+    record(std::string("kernels_for(\"") + name + "\")", err);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string expected;
+  for (int i = 1; i < argc; i++) {
+    if (std::strcmp(argv[i], "--expect-isas") == 0 && i + 1 < argc) {
+      expected = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--expect-isas scalar,neon,...]\n", argv[0]);
+      return 2;
+    }
+  }
+  const std::vector<std::string> isas = available_isas();
+  std::printf("available ISAs: %s\n", join(isas).c_str());
+  test_dispatch(isas, expected);
+
+  const KernelTable& s = *scalar_kernels();
+  for (const auto& name : isas) {
+    const KernelTable& t = *kernels_for(name);
+    const int before = g_passed + g_failed;
+    test_exact(t);  // scalar included: exact results need no twin
+    if (name != "scalar") {
+      test_quantizers(s, t);
+      test_fp16(s, t);
+      test_dots(s, t);
+      test_gemm(s, t);
+      test_elementwise(s, t);
+    }
+    std::printf("%s: %d checks\n", name.c_str(), g_passed + g_failed - before);
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -3,6 +3,7 @@
 // the integer parts are bit-identical on every ISA.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels.h"
@@ -189,6 +190,144 @@ static void axpy_f16(int64_t n, float a, const fp16_t* x, float* y) {
 
 #include "kernels_generic.inc"
 
+// ---- tiled GEMM: R weight rows x C tokens per pass, R*C independent accumulators ----------
+// One accumulator per (row, token) would serialise on FMA latency; R*C chains keep the FMA
+// units busy, each unpacked weight block serves C tokens and each activation block R rows.
+
+template <int R, int C>
+static void tile_q4_1(int64_t nb, const uint8_t* w, size_t w_stride, const uint8_t* act,
+                      size_t act_stride, float* out, int64_t out_stride) {
+  __m256 acc[R][C];
+  float accm[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) { acc[r][c] = _mm256_setzero_ps(); accm[r][c] = 0.0f; }
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i qa[C];
+    float da[C], sa[C];
+    for (int c = 0; c < C; c++) {
+      const auto* ab = reinterpret_cast<const block_q8_1*>(act + c * act_stride) + b;
+      qa[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab->qs));
+      da[c] = fp16_scalar(ab->d);
+      sa[c] = fp16_scalar(ab->s);
+    }
+    for (int r = 0; r < R; r++) {
+      const auto* wb = reinterpret_cast<const block_q4_1*>(w + r * w_stride) + b;
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 12), _MM_HINT_T0);
+      const __m256i qw = unpack_nibbles(wb->qs);
+      const float dw = fp16_scalar(wb->d), mw = fp16_scalar(wb->m);
+      for (int c = 0; c < C; c++) {
+        const __m256 p = _mm256_cvtepi32_ps(dot_u8_i8(qw, qa[c]));
+        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da[c]), p, acc[r][c]);
+        accm[r][c] += mw * sa[c];
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) out[c * out_stride + r] = hsum(acc[r][c]) + accm[r][c];
+}
+
+// Q4_0 and Q8_0 weights with Q8_0 activations; Q4_0 nibbles are shifted to [-8, 7].
+template <int R, int C, bool kQ4>
+static void tile_q8(int64_t nb, const uint8_t* w, size_t w_stride, const uint8_t* act,
+                    size_t act_stride, float* out, int64_t out_stride) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i qa[C];
+    float da[C];
+    for (int c = 0; c < C; c++) {
+      const auto* ab = reinterpret_cast<const block_q8_0*>(act + c * act_stride) + b;
+      qa[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab->qs));
+      da[c] = fp16_scalar(ab->d);
+    }
+    for (int r = 0; r < R; r++) {
+      __m256i qw;
+      float dw;
+      if constexpr (kQ4) {
+        const auto* wb = reinterpret_cast<const block_q4_0*>(w + r * w_stride) + b;
+        _mm_prefetch(reinterpret_cast<const char*>(wb + 12), _MM_HINT_T0);
+        qw = _mm256_sub_epi8(unpack_nibbles(wb->qs), _mm256_set1_epi8(8));
+        dw = fp16_scalar(wb->d);
+      } else {
+        const auto* wb = reinterpret_cast<const block_q8_0*>(w + r * w_stride) + b;
+        // R rows are R streams through memory; prefetch ahead so large matrices (the output
+        // layer) are read at memory speed rather than at the prefetchers' pace.
+        _mm_prefetch(reinterpret_cast<const char*>(wb + 8), _MM_HINT_T0);
+        qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qs));
+        dw = fp16_scalar(wb->d);
+      }
+      // |w| once per row; the sign of w moves onto each token's activations.
+      const __m256i aw = _mm256_sign_epi8(qw, qw);
+      for (int c = 0; c < C; c++) {
+        const __m256 p = _mm256_cvtepi32_ps(dot_u8_i8(aw, _mm256_sign_epi8(qa[c], qw)));
+        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da[c]), p, acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) out[c * out_stride + r] = hsum(acc[r][c]);
+}
+
+using TileFn = void (*)(int64_t, const uint8_t*, size_t, const uint8_t*, size_t, float*, int64_t);
+
+// Covers n_rows x n_tok with 4x2 tiles (4x1 for a single token) and smaller ones at the edges.
+template <template <int, int> class Tiles>
+static void gemm_tiled(int64_t nb, const uint8_t* w, size_t w_stride, int64_t n_rows,
+                       const uint8_t* act, size_t act_stride, int64_t n_tok, float* out,
+                       int64_t out_stride) {
+  constexpr int RM = 4, CN = 2;
+  for (int64_t r = 0; r < n_rows; r += RM) {
+    const int64_t nr = std::min<int64_t>(RM, n_rows - r);
+    const uint8_t* wr = w + r * w_stride;
+    for (int64_t t = 0; t < n_tok; t += CN) {
+      const int64_t nt = std::min<int64_t>(CN, n_tok - t);
+      const TileFn fn = Tiles<0, 0>::pick(int(nr), int(nt));
+      fn(nb, wr, w_stride, act + t * act_stride, act_stride, out + t * out_stride + r, out_stride);
+    }
+  }
+}
+
+template <int, int>
+struct TilesQ4_1 {
+  static TileFn pick(int nr, int nt) {
+    static const TileFn fns[4][2] = {{tile_q4_1<1, 1>, tile_q4_1<1, 2>}, {tile_q4_1<2, 1>, tile_q4_1<2, 2>},
+                                     {tile_q4_1<3, 1>, tile_q4_1<3, 2>}, {tile_q4_1<4, 1>, tile_q4_1<4, 2>}};
+    return fns[nr - 1][nt - 1];
+  }
+};
+
+template <bool kQ4>
+struct TilesQ8Of {
+  template <int, int>
+  struct T {
+    static TileFn pick(int nr, int nt) {
+      static const TileFn fns[4][2] = {{tile_q8<1, 1, kQ4>, tile_q8<1, 2, kQ4>},
+                                       {tile_q8<2, 1, kQ4>, tile_q8<2, 2, kQ4>},
+                                       {tile_q8<3, 1, kQ4>, tile_q8<3, 2, kQ4>},
+                                       {tile_q8<4, 1, kQ4>, tile_q8<4, 2, kQ4>}};
+      return fns[nr - 1][nt - 1];
+    }
+  };
+};
+
+static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
+                      const void* act, size_t act_stride, int64_t n_tok, float* out,
+                      int64_t out_stride) {
+  const auto* wb = static_cast<const uint8_t*>(w);
+  const auto* ab = static_cast<const uint8_t*>(act);
+  switch (wtype) {
+    case GgmlType::Q4_1:
+      return gemm_tiled<TilesQ4_1>(n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+    case GgmlType::Q4_0:
+      return gemm_tiled<TilesQ8Of<true>::T>(n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+    case GgmlType::Q8_0:
+      return gemm_tiled<TilesQ8Of<false>::T>(n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+    default:
+      return gemm(wtype, n, w, w_stride, n_rows, act, act_stride, n_tok, out, out_stride);
+  }
+}
+
 static KernelTable make_table() {
   KernelTable t = *scalar_kernels();  // weight quantizers and dequantizers: scalar twin
   t.name = "avx2";
@@ -201,7 +340,7 @@ static KernelTable make_table() {
   t.dot_q8_0_q8_0 = dot_q8_0_q8_0;
   t.dot_f16_f32 = dot_f16_f32;
   t.dot_f32_f32 = dot_f32_f32;
-  t.gemm = gemm;
+  t.gemm = gemm_simd;
   t.rmsnorm = rmsnorm;
   t.swiglu = swiglu;
   t.axpy_f16 = axpy_f16;

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string_view>
 #include <thread>
@@ -139,6 +140,30 @@ static FloatArray axpy_f16(float a, const py::array_t<uint16_t, py::array::c_sty
   return out;
 }
 
+// Memory read bandwidth in GB/s: the best of `reps` passes of n_threads threads each reading
+// its slice of an nbytes buffer (much larger than the caches) with the ISA's widest loads.
+static double read_bandwidth(int64_t nbytes, int n_threads, int reps, const std::string& isa) {
+  if (nbytes < (1 << 20) || n_threads < 1 || reps < 1)
+    throw std::invalid_argument("read_bandwidth: need nbytes >= 1 MiB, n_threads >= 1, reps >= 1");
+  const KernelTable* k = table(isa);
+  py::gil_scoped_release release;
+  const int64_t slice = nbytes / n_threads / 4096 * 4096;
+  Buffer buf(size_t(slice) * n_threads);
+  std::memset(buf.data(), 1, buf.size());  // fault every page in before timing
+  std::vector<uint64_t> sink(n_threads);
+  double best = 0.0;
+  for (int rep = 0; rep < reps; rep++) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> threads;
+    for (int i = 0; i < n_threads; i++)
+      threads.emplace_back([&, i] { sink[i] = k->read_bytes(buf.data() + i * slice, slice); });
+    for (auto& th : threads) th.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, double(slice) * n_threads / s / 1e9);
+  }
+  return best;
+}
+
 class PyModel {
  public:
   PyModel(const py::dict& hparams, const py::dict& tensors, int64_t n_ctx, int n_threads,
@@ -223,6 +248,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("isa") = "");
   m.def("rmsnorm", &rmsnorm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("isa") = "");
   m.def("swiglu", &swiglu, py::arg("gate"), py::arg("up"), py::arg("isa") = "");
+  m.def("read_bandwidth", &read_bandwidth, py::arg("nbytes"), py::arg("n_threads"),
+        py::arg("reps") = 5, py::arg("isa") = "");
   m.def("axpy_f16", &axpy_f16, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("isa") = "");
 
   py::class_<PyModel>(m, "Model")

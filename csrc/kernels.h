@@ -53,6 +53,10 @@ struct KernelTable {
   void (*swiglu)(const float* gate, const float* up, float* out, int64_t n);
   // y += a * x (x in f16): accumulate one value row into an attention output
   void (*axpy_f16)(int64_t n, float a, const fp16_t* x, float* y);
+
+  // Reads n bytes (n % 32 == 0) as fast as the ISA can and folds them into a checksum: the
+  // memory read-bandwidth probe (so decode speed can be reported as a fraction of it).
+  uint64_t (*read_bytes)(const uint8_t* p, int64_t n);
 };
 
 // Tables (defined in kernels_<isa>.cpp). Absent ISAs return nullptr.

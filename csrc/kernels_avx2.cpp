@@ -344,6 +344,7 @@ static KernelTable make_table() {
   t.rmsnorm = rmsnorm;
   t.swiglu = swiglu;
   t.axpy_f16 = axpy_f16;
+  t.read_bytes = read_bytes;
   return t;
 }
 

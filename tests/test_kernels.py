@@ -95,3 +95,10 @@ def test_unknown_isa_is_refused() -> None:
     with pytest.raises(ValueError, match="not available"):
         _core.gemm(int(T.F32), np.zeros((1, 128), np.uint8), np.zeros((1, 32), np.float32), 32,
                    "no-such-isa")
+
+
+def test_read_bandwidth_probe_reads_and_refuses_bad_arguments(isa: str) -> None:
+    gbps = _core.read_bandwidth(1 << 22, 2, 2, isa)
+    assert np.isfinite(gbps) and gbps > 0
+    with pytest.raises(ValueError, match="nbytes"):
+        _core.read_bandwidth(1024, 1, 1, isa)

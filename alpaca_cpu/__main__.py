@@ -1,33 +1,23 @@
-"""`python -m alpaca_cpu`: greedy generation on the default model, by token ids."""
+"""`python -m alpaca_cpu [PROMPT]`: greedy completion of a prompt on the default model."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from gguf import GGUFReader
-
 from .default_model import default_model_path
-from .model import Model
-
-PROMPT_IDS = [504, 3575, 282, 4649, 314]  # "The capital of France is" in SmolLM2's vocabulary
+from .llama import Llama
 
 
 def main() -> int:
-    path = default_model_path(log=lambda s: print(s, file=sys.stderr))
-    m = Model(path, n_ctx=256)
-    field = GGUFReader(path).fields["tokenizer.ggml.tokens"]
-    vocab = field.contents()
-    tokens = list(PROMPT_IDS)
+    prompt = " ".join(sys.argv[1:]) or "The capital of France is"
+    llm = Llama(default_model_path(log=lambda s: print(s, file=sys.stderr)), n_ctx=512)
     t = time.perf_counter()
-    logits = m.forward(tokens)
-    for _ in range(16):
-        tokens.append(int(logits.argmax()))
-        logits = m.forward(tokens[-1:], start_pos=len(tokens) - 1)
+    out = llm(prompt, max_tokens=32, temperature=0)
     dt = time.perf_counter() - t
-    text = "".join(vocab[i] for i in tokens).replace("\u0120", " ").replace("\u010a", "\n")
-    print(text)
-    print(f"[{len(tokens) - len(PROMPT_IDS)} tokens in {dt:.2f} s on {m.isa}]", file=sys.stderr)
+    print(prompt + out["choices"][0]["text"])
+    n = out["usage"]["completion_tokens"]
+    print(f"[{n} tokens in {dt:.2f} s on {llm.model.isa}]", file=sys.stderr)
     return 0
 
 

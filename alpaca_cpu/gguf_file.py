@@ -1,6 +1,7 @@
 """Open a GGUF v3 model file with mmap, validate it, and describe its weights.
 
-Everything read from the file is checked before the native core sees it: architecture,
+Everything read from the file is checked before the native core sees it: the file's structure
+(`gguf_reader`: counts, lengths, types, offsets, alignment), then the architecture,
 hyper-parameters, and every tensor's presence, shape and type. Errors name the file, the
 field, what was found and what was expected.
 """
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .config import ModelConfig
 from .errors import ModelFileError
+from .gguf_reader import GGUFFile, read_gguf
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType.F32,
@@ -60,19 +62,22 @@ def _err(path: Path, what: str) -> ModelFileError:
     return ModelFileError(f"{path}: {what}")
 
 
-def _contents(field_: Any) -> Any:
-    try:
-        return field_.contents()
-    except Exception:  # a field whose value gguf cannot decode: report it as absent/invalid
-        return None
+def read_metadata(source: str | os.PathLike[str] | GGUFFile | Any) -> dict[str, Any]:
+    """GGUF metadata as plain Python values (strings, numbers, bools, lists), header excluded.
+
+    `source` is a path (parsed with the strict reader; tensor data is not touched), a parsed
+    `GGUFFile`, or, for older callers, a `gguf.GGUFReader`. Values equal what
+    `gguf.ReaderField.contents()` gives, except that nested arrays stay nested.
+    """
+    if isinstance(source, GGUFFile):
+        return dict(source.metadata)
+    if isinstance(source, (str, os.PathLike)):
+        return read_gguf(source).metadata
+    return {k: f.contents() for k, f in source.fields.items() if not k.startswith("GGUF.")}
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """GGUF metadata as plain Python values (strings, numbers, lists), header fields excluded."""
-    return {k: _contents(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def _int_key(path: Path, md: dict[str, Any], key: str, lo: int, hi: int, default: Any = None) -> int:
+def _int_key(path: Path, md: dict[str, Any], key: str, lo: int, hi: int,
+             default: Any = None) -> int:
     value = md.get(key, default)
     if value is None:
         raise _err(path, f"missing metadata key '{key}' (an integer in [{lo}, {hi}])")
@@ -81,7 +86,8 @@ def _int_key(path: Path, md: dict[str, Any], key: str, lo: int, hi: int, default
     return int(value)
 
 
-def _float_key(path: Path, md: dict[str, Any], key: str, lo: float, hi: float, default: Any) -> float:
+def _float_key(path: Path, md: dict[str, Any], key: str, lo: float, hi: float,
+               default: Any) -> float:
     value = md.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise _err(path, f"metadata key '{key}' = {value!r}, expected a number in ({lo}, {hi})")
@@ -93,6 +99,8 @@ def _float_key(path: Path, md: dict[str, Any], key: str, lo: float, hi: float, d
 
 def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     arch = md.get("general.architecture")
+    if arch is None:
+        raise _err(path, "missing metadata key 'general.architecture' (expected 'llama')")
     if arch != "llama":
         raise _err(path, f"metadata key 'general.architecture' = {arch!r}, expected 'llama'")
     dim = _int_key(path, md, "llama.embedding_length", 1, MAX_DIM)
@@ -104,7 +112,8 @@ def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]
                          f"expected a divisor of head_count = {n_heads}")
     if "llama.attention.key_length" in md:
         head_dim = _int_key(path, md, "llama.attention.key_length", 2, MAX_HEAD_DIM)
-        v_len = _int_key(path, md, "llama.attention.value_length", 2, MAX_HEAD_DIM, default=head_dim)
+        v_len = _int_key(path, md, "llama.attention.value_length", 2, MAX_HEAD_DIM,
+                         default=head_dim)
         if v_len != head_dim:
             raise _err(path, f"metadata key 'llama.attention.value_length' = {v_len}, "
                              f"expected key_length = {head_dim}")
@@ -122,8 +131,10 @@ def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]
     rope_base = _float_key(path, md, "llama.rope.freq_base", 0.0, 1e12, 10000.0)
     rms_eps = _float_key(path, md, "llama.attention.layer_norm_rms_epsilon", 0.0, 1.0, None)
     context_length = _int_key(path, md, "llama.context_length", 1, 1 << 24)
-    if md.get("llama.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensor_names:
-        raise _err(path, "RoPE scaling ('llama.rope.scaling.*' or rope_freqs.weight) is not supported")
+    scaling = md.get("llama.rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in tensor_names:
+        raise _err(path, "RoPE scaling ('llama.rope.scaling.*' or rope_freqs.weight) "
+                         "is not supported")
     tokens = md.get("tokenizer.ggml.tokens")
     default_vocab = len(tokens) if isinstance(tokens, list) else None
     n_vocab = _int_key(path, md, "llama.vocab_size", 1, MAX_VOCAB, default=default_vocab)
@@ -158,64 +169,38 @@ def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _tensor_bytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
-    from gguf.constants import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[qtype]
-    n = math.prod(shape)
-    return n // block * size
-
-
 def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
-    """Open, validate and describe a GGUF v3 LLaMA model file (weights stay memory-mapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise _err(path, "no such model file" if not path.exists() else "not a regular file")
-    size = path.stat().st_size
-    if size == 0:
-        raise _err(path, "file is empty (0 bytes), expected a GGUF model file")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise _err(path, f"not a GGUF file: starts with {magic!r}, expected b'GGUF'")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf raises many kinds on corrupt input; all mean "bad file"
-        raise _err(path, f"corrupt or truncated GGUF file: {type(e).__name__}: {e}") from None
-    version = _contents(reader.fields["GGUF.version"]) if "GGUF.version" in reader.fields else None
-    if version != 3:
-        raise _err(path, f"GGUF version {version}, expected 3")
-    md = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    if len(names) != len(reader.tensors):
-        raise _err(path, "duplicate tensor names in the tensor table")
-    cfg = _config_from_metadata(path, md, names)
+    """Open, validate and describe a GGUF v3 LLaMA model file (weights stay memory-mapped).
+
+    The tensors' `data` are views into the file mapping, which stays open as long as any of
+    them is alive.
+    """
+    gf = read_gguf(path)  # structure: every count, length, type, offset checked
+    path = gf.path
+    md = gf.metadata
+    cfg = _config_from_metadata(path, md, set(gf.tensors))
     expected = expected_tensor_shapes(cfg)
-    unexpected = sorted(names - expected.keys())
+    unexpected = sorted(gf.tensors.keys() - expected.keys())
     if unexpected:
         raise _err(path, f"unexpected tensor(s) for a llama model: {', '.join(unexpected[:5])}")
     tensors: dict[str, Tensor] = {}
-    by_name = {t.name: t for t in reader.tensors}
     for name, shape in expected.items():
-        t = by_name.get(name)
+        t = gf.tensors.get(name)
         if t is None:
             raise _err(path, f"missing tensor '{name}' (expected shape {list(shape)})")
-        found = tuple(int(x) for x in t.shape)
-        if found != shape:
-            raise _err(path, f"tensor '{name}' has shape {list(found)}, expected {list(shape)}")
-        qtype = GGMLQuantizationType(int(t.tensor_type))
+        if t.shape != shape:
+            raise _err(path, f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+        qtype = t.type
         if qtype not in SUPPORTED_TYPES:
             raise _err(path, f"tensor '{name}' has type {qtype.name}, expected one of "
                              f"{', '.join(sorted(q.name for q in SUPPORTED_TYPES))}")
         if len(shape) == 1 and qtype != GGMLQuantizationType.F32:
             raise _err(path, f"tensor '{name}' has type {qtype.name}, expected F32 for a norm")
-        if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and shape[0] % 32:
-            raise _err(path, f"tensor '{name}' row length {shape[0]} is not a multiple of 32")
-        nbytes = _tensor_bytes(qtype, shape)
-        data = np.asarray(t.data).reshape(-1).view(np.uint8)
-        if data.size != nbytes or int(t.data_offset) + nbytes > size:
-            raise _err(path, f"tensor '{name}' data ({nbytes} bytes at offset {int(t.data_offset)})"
-                             f" runs past the end of the file ({size} bytes)")
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if shape[0] % block:  # the reader checks this too; the kernels depend on it
+            raise _err(path, f"tensor '{name}' row length {shape[0]} is not a multiple of {block}")
+        data = gf.tensor_data(t)
+        assert data.size == math.prod(shape) // block * block_bytes  # the reader's invariant
         rows = shape[1] if len(shape) == 2 else 1
         tensors[name] = Tensor(name, qtype, rows, shape[0], data)
     return ModelFile(path=path, config=cfg, metadata=md, tensors=tensors)

@@ -121,9 +121,13 @@ class SpmEncoder:
                 pieces.append(stand_in)
                 sp_scores.append(0.0)
                 sp_types.append(TokenType.UNKNOWN)
-        self._sp = sentencepiece.SentencePieceProcessor(
-            model_proto=_model_proto(pieces, sp_scores, sp_types)
-        )
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(
+                model_proto=_model_proto(pieces, sp_scores, sp_types)
+            )
+        except RuntimeError as e:  # e.g. byte pieces missing, a NUL inside a piece
+            raise ValueError(f"tokenizer.ggml.tokens: not a usable SentencePiece vocabulary: {e}") \
+                from None
         # llama.cpp's byte_to_token: the <0xNN> piece, else the one-byte piece, else nothing.
         ids = {text: i for i, text in enumerate(tokens)}
         self._byte_ids: list[int | None] = []

@@ -11,7 +11,29 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 from .gguf_file import open_model_file
-from .system import physical_cores
+from .system import available_memory_bytes, physical_cores
+
+
+# Activations, scratch and the interpreter on top of weights and KV cache: a model that needs
+# more than what is available minus this margin is refused rather than started.
+MEMORY_MARGIN_BYTES = 256 << 20
+
+
+def _check_memory(path: os.PathLike[str], config: ModelConfig, n_ctx: int, kv_f16: bool,
+                  weight_bytes: int) -> None:
+    """Refuse an n_ctx whose KV cache cannot fit, before anything large is allocated."""
+    if n_ctx > config.context_length * 64:
+        raise ValueError(f"n_ctx = {n_ctx} is far beyond the {config.context_length} tokens "
+                         f"{path} was trained for")
+    need = weight_bytes + config.kv_cache_bytes(n_ctx, kv_f16) + MEMORY_MARGIN_BYTES
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        per_token = config.kv_cache_bytes(1, kv_f16)
+        fits = max(0, (have - weight_bytes - MEMORY_MARGIN_BYTES) // per_token)
+        raise ValueError(
+            f"n_ctx = {n_ctx} needs {need / 2**30:.2f} GiB ({weight_bytes / 2**30:.2f} GiB weights + "
+            f"{config.kv_cache_bytes(n_ctx, kv_f16) / 2**30:.2f} GiB KV cache), but only "
+            f"{have / 2**30:.2f} GiB is available; n_ctx <= {fits} would fit")
 
 
 class Model:
@@ -33,6 +55,8 @@ class Model:
         if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= 1024:
             raise ValueError(f"n_threads = {n_threads!r}, expected an integer in [1, 1024]")
         mf = open_model_file(path)
+        _check_memory(mf.path, mf.config, n_ctx, kv_type == "f16",
+                      sum(t.data.nbytes for t in mf.tensors.values()))
         self.path = mf.path
         self.config: ModelConfig = mf.config
         self.metadata: dict[str, Any] = mf.metadata

@@ -21,3 +21,15 @@ def physical_cores() -> int:
         except OSError:
             cores.add(("cpu", str(cpu)))
     return max(1, len(cores))
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where unknown, e.g. not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -1,0 +1,6 @@
+"""alpaca_convert: PyTorch (Meta, Hugging Face, LoRA) and GGUF checkpoints to GGUF files."""
+
+from .converter import Summary, convert
+from .errors import ConvertError
+
+__all__ = ["ConvertError", "Summary", "convert"]

@@ -1,0 +1,57 @@
+"""`convert-weights`: PyTorch / GGUF checkpoints to GGUF files for alpaca-cpu and llama.cpp."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import ConvertError
+from .quant_plan import OUTTYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert-weights",
+        description="Convert a Meta LLaMA folder (params.json + consolidated.NN.pth), a Hugging "
+                    "Face LlamaForCausalLM folder (config.json + safetensors or .bin) or a GGUF "
+                    "file to a GGUF file, optionally merging a PEFT LoRA adapter.")
+    p.add_argument("input", help="checkpoint folder or .gguf file")
+    p.add_argument("-o", "--output", help="output .gguf file (required unless --dry-run)")
+    p.add_argument("--outtype", choices=list(OUTTYPES), default="q4_0",
+                   help="weight type of the output (default: q4_0); norms stay f32")
+    p.add_argument("--lora", metavar="DIR",
+                   help="PEFT LoRA adapter folder to merge into the weights")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs and print what would be written; write nothing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="quantization threads (default: one per physical core)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .converter import convert  # after argument parsing, so --help stays fast
+
+    if args.threads is not None and args.threads < 1:
+        print("convert-weights: error: --threads must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        convert(args.input, args.output, outtype=args.outtype, lora=args.lora, force=args.force,
+                dry_run=args.dry_run, n_threads=args.threads, progress=not args.quiet)
+    except ConvertError as e:
+        print(f"convert-weights: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("convert-weights: interrupted; no output written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `--dry-run | head`: stop quietly, like other commands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""One conversion: open the input, plan the output, write it (or describe it, for --dry-run)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_VERSION
+
+from alpaca_cpu import _core
+from alpaca_cpu.system import physical_cores
+
+from . import metadata as kv
+from .errors import ConvertError
+from .lora import LoraAdapter
+from .quant_plan import FILE_TYPES, OUTTYPES, PlannedTensor, plan
+from .source import Source, open_source
+from .writer import check_output, write_gguf
+
+
+@dataclass(frozen=True)
+class Summary:
+    output: Path | None  # None for a dry run
+    n_params: int
+    tensor_bytes: int
+    file_bytes: int  # 0 for a dry run
+    seconds: float
+    types: dict[str, int]  # GGML type name -> tensor count
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.tensor_bytes / self.n_params
+
+
+def encode(w: np.ndarray, qtype: T, n_threads: int) -> np.ndarray:
+    """float32 weights -> GGML bytes (rows, row_bytes), with the engine's own quantizers."""
+    if w.ndim == 1:
+        return np.ascontiguousarray(w, dtype=np.float32).view(np.uint8)
+    return _core.quantize(np.ascontiguousarray(w, dtype=np.float32), int(qtype), n_threads)
+
+
+def _producer(source: Source, lora: LoraAdapter | None,
+              n_threads: int) -> Callable[[PlannedTensor], np.ndarray]:
+    """The function the writer calls for each tensor's bytes: read, merge, quantize."""
+
+    def produce(t: PlannedTensor) -> np.ndarray:
+        touched = lora is not None and lora.touches(t.name)
+        raw = None if touched else source.raw(t.name)
+        if raw is not None and raw[0] == t.type:
+            return raw[1]  # already in the wanted type: copy it, like llama-quantize
+        w = source.read(t.name)
+        if tuple(w.shape) != t.shape:
+            raise ConvertError(f"{source.path}: tensor {t.name} read as {list(w.shape)}, "
+                               f"expected {list(t.shape)}")
+        if lora is not None:
+            w = lora.apply(t.name, w)
+        return encode(w, t.type, n_threads)
+
+    return produce
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedTensor],
+                outtype: str, output: Path | None, out: TextIO) -> None:
+    p = source.params
+    print(f"input:     {source.describe()}", file=out)
+    if lora is not None:
+        print(f"lora:      {lora.describe()}", file=out)
+    if source.tokenizer_description:
+        print(f"tokenizer: {source.tokenizer_description}", file=out)
+    print(f"model:     {p.n_layers} layers, dim {p.dim}, {p.n_heads} heads ({p.n_kv_heads} kv), "
+          f"head size {p.head_dim}, ffn {p.ffn_dim}, vocab {p.n_vocab}, "
+          f"{'tied' if p.tied_embeddings else 'untied'} embeddings, rope base {p.rope_base:g}",
+          file=out)
+    print(f"output:    {output if output else '(none)'} as {outtype}, "
+          f"{len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))} of weights", file=out)
+    for t in tensors:
+        print(f"  {t.name:<28} {'x'.join(map(str, t.shape)):>14}  "
+              f"{source.stored_type(t.name):>8} -> {t.type.name:<5} {_human(t.nbytes):>10}",
+              file=out)
+
+
+def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q4_0",
+            lora: str | Path | None = None, force: bool = False, dry_run: bool = False,
+            n_threads: int | None = None, progress: bool = False,
+            out: TextIO | None = None) -> Summary:
+    """Convert a Meta / Hugging Face checkpoint folder or a GGUF file to a GGUF file.
+
+    The plan (--dry-run) and the summary are printed to `out` (default: stdout), the progress
+    bar to stderr.
+    """
+    start = time.monotonic()
+    out = out if out is not None else sys.stdout
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"--outtype {outtype!r}, expected one of {', '.join(OUTTYPES)}")
+    qtype = OUTTYPES[outtype]
+    if output is None and not dry_run:
+        raise ConvertError("no output file given (-o OUTPUT.gguf)")
+    output = Path(output) if output is not None else None
+    if output is not None:
+        check_output(output, force)
+    n_threads = n_threads or physical_cores()
+
+    source = open_source(input_path)
+    adapter = LoraAdapter(Path(lora), source.params) if lora is not None else None
+    tensors = plan(source.params.tensor_shapes(), qtype, source.params.tied_embeddings)
+    entries = source.metadata() + [
+        kv.u32("general.file_type", int(FILE_TYPES[qtype])),
+        kv.u32("general.quantization_version", GGML_QUANT_VERSION),
+    ]
+    n_params = sum(t.n_elements for t in tensors)
+    tensor_bytes = sum(t.nbytes for t in tensors)
+    types = dict(Counter(t.type.name for t in tensors))
+    if dry_run:
+        _print_plan(source, adapter, tensors, outtype, output, out)
+        print("dry run: inputs checked, nothing written", file=out)
+        return Summary(None, n_params, tensor_bytes, 0, time.monotonic() - start, types)
+    assert output is not None
+    file_bytes = write_gguf(output, entries, tensors, _producer(source, adapter, n_threads),
+                            force=force, progress=progress)
+    summary = Summary(output, n_params, tensor_bytes, file_bytes, time.monotonic() - start, types)
+    print(f"wrote {output}: {n_params / 1e6:.2f} M parameters, {_human(file_bytes)}, "
+          f"{summary.bits_per_weight:.2f} bits per weight, "
+          f"{', '.join(f'{n} {k}' for k, n in sorted(types.items()))} tensors, "
+          f"{summary.seconds:.1f} s", file=out)
+    return summary

@@ -1,0 +1,78 @@
+"""An existing GGUF model file as input, for re-quantization to another type.
+
+The file is validated by the engine's own loader first; metadata is copied with its on-disk
+types, except the keys that describe the tensor types, which the converter rewrites.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf import GGUFValueType as V
+
+from alpaca_cpu import _core
+from alpaca_cpu.errors import ModelFileError
+from alpaca_cpu.gguf_file import open_model_file
+
+from .errors import ConvertError
+from .hparams import LlamaParams
+from .metadata import KeyValue
+from .source import Source
+
+# Rewritten by the converter (general.architecture is written by GGUFWriter itself).
+_REWRITTEN = {"general.architecture", "general.file_type", "general.quantization_version"}
+
+
+class GgufSource(Source):
+    kind = "GGUF"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.model_file = open_model_file(path)
+        except ModelFileError as e:
+            raise ConvertError(str(e)) from None
+        c = self.model_file.config
+        self.params = LlamaParams(
+            n_vocab=c.n_vocab, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim, rms_eps=c.rms_eps,
+            rope_base=c.rope_base, context_length=c.context_length,
+            tied_embeddings=c.tied_embeddings)
+        self._shapes = self.params.tensor_shapes()
+
+    def raw(self, name: str) -> tuple[T, np.ndarray]:
+        t = self.model_file.tensors[name]
+        return t.type, t.data.reshape(t.rows, -1)
+
+    def read(self, name: str) -> np.ndarray:
+        t = self.model_file.tensors[name]
+        if t.type == T.F32:
+            w = t.data.view(np.float32).reshape(t.rows, t.cols)
+        else:
+            w = _core.dequantize(t.data.reshape(t.rows, -1), int(t.type), t.cols)
+        return w.reshape(self._shapes[name])
+
+    def stored_type(self, name: str) -> str:
+        return self.model_file.tensors[name].type.name
+
+    def metadata(self) -> list[KeyValue]:
+        reader = GGUFReader(self.path, "r")
+        entries = []
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key in _REWRITTEN:
+                continue
+            kind = field.types[0]
+            if kind == V.ARRAY:
+                if len(field.types) != 2:
+                    raise ConvertError(f"{self.path}: metadata key '{key}' is a nested array, "
+                                       "which cannot be copied")
+                entries.append(KeyValue(key, field.contents(), kind, field.types[1]))
+            else:
+                entries.append(KeyValue(key, field.contents(), kind))
+        return entries
+
+    def describe(self) -> str:
+        return f"GGUF file {self.path}"

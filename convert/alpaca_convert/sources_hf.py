@@ -1,0 +1,246 @@
+"""Hugging Face `LlamaForCausalLM` checkpoints: config.json + safetensors or pytorch_model*.bin.
+
+HF stores q_proj / k_proj rows in rotate-half order (the pair of a row i is row i + head_dim/2);
+GGUF `llama` wants Meta's interleaved pairs (rows 2i, 2i+1), so those rows are permuted back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metadata as kv
+from .errors import ConvertError
+from .hparams import LlamaParams
+from .metadata import KeyValue
+from .source import Source
+from .tensor_io import PickleFile, SafetensorsFile
+from .tokenizer import find_tokenizer, tokenizer_metadata
+
+ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
+
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_IN_BLOCK = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Buffers some exports save beside the weights; recomputed at load, never converted.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """HF parameter name -> GGUF tensor name (None when it is not a LLaMA weight)."""
+    if hf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[hf_name]
+    m = _BLOCK.fullmatch(hf_name)
+    if m and m.group(2) in _IN_BLOCK:
+        return f"blk.{int(m.group(1))}.{_IN_BLOCK[m.group(2)]}"
+    return None
+
+
+def rotate_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder the rows of each head from (first halves, second halves) to interleaved pairs."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    return (w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_for_gguf(name: str, w: np.ndarray, params: LlamaParams) -> np.ndarray:
+    """Apply the RoPE row permutation to attn_q / attn_k rows (any other tensor unchanged)."""
+    if name.endswith(".attn_q.weight"):
+        return rotate_half_to_interleaved(w, params.n_heads)
+    if name.endswith(".attn_k.weight"):
+        return rotate_half_to_interleaved(w, params.n_kv_heads)
+    return w
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected a JSON object")
+    return data
+
+
+def params_from_config(path: Path, cfg: dict[str, Any]) -> LlamaParams:
+    archs = cfg.get("architectures")
+    if archs is not None:
+        if not (isinstance(archs, list) and any(a in ARCHITECTURES for a in archs)):
+            raise ConvertError(f"{path}: unknown architecture {archs!r}, expected "
+                               f"{' or '.join(ARCHITECTURES)}")
+    elif cfg.get("model_type") != "llama":
+        raise ConvertError(f"{path}: unknown architecture: no 'architectures' and model_type "
+                           f"{cfg.get('model_type')!r}, expected 'llama'")
+
+    def need(key: str) -> Any:
+        if key not in cfg:
+            raise ConvertError(f"{path}: missing '{key}'")
+        return cfg[key]
+
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConvertError(f"{path}: hidden_act = {cfg['hidden_act']!r}, expected 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise ConvertError(f"{path}: {key} = true; LLaMA layers without biases are expected")
+    # transformers 5 keeps RoPE settings in rope_parameters, older versions at the top level.
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ConvertError(f"{path}: RoPE scaling {rope_type!r} is not supported (only plain "
+                           "RoPE)")
+    rope_base = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dim, n_heads = need("hidden_size"), need("num_attention_heads")
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    head_dim = cfg.get("head_dim") or (dim // n_heads if isinstance(dim, int)
+                                       and isinstance(n_heads, int) and n_heads else 0)
+    try:
+        params = LlamaParams(
+            n_vocab=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            ffn_dim=need("intermediate_size"), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_base=float(rope_base), context_length=cfg.get("max_position_embeddings", 2048),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"{path}: a hyper-parameter is not a number ({e})") from None
+    return params.check(str(path))
+
+
+def _check_numbered(folder: Path, files: list[Path], what: str) -> None:
+    """Shards named X-00001-of-0000N.ext: all N present, no strays."""
+    numbered = [re.search(r"-(\d+)-of-(\d+)\.", f.name) for f in files]
+    if not all(numbered):
+        return
+    totals = {int(m.group(2)) for m in numbered if m}
+    found = {int(m.group(1)) for m in numbered if m}
+    if len(totals) != 1 or found != set(range(1, max(totals) + 1)):
+        total = max(totals)
+        missing = sorted(set(range(1, total + 1)) - found)
+        extra = sorted(found - set(range(1, total + 1)))
+        raise ConvertError(f"{folder}: shard count mismatch in {what}: found {len(files)} file(s) "
+                           f"for {total} shard(s) (missing: {missing or 'none'}, extra: "
+                           f"{extra or 'none'}, totals named: {sorted(totals)})")
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], str]:
+    """The checkpoint's weight files and their kind ("safetensors" or "pickle")."""
+    for ext, kind, single in (("safetensors", "safetensors", "model.safetensors"),
+                              ("bin", "pickle", "pytorch_model.bin")):
+        index = folder / f"{single}.index.json"
+        stem = single.split(".")[0]
+        numbered = sorted(folder.glob(f"{stem}-*-of-*.{ext}"))
+        if index.is_file():
+            weight_map = _load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConvertError(f"{index}: missing or empty 'weight_map'")
+            names = sorted(set(map(str, weight_map.values())))
+            files = [folder / n for n in names]
+            for f in files:
+                if not f.is_file() or f.parent != folder:
+                    raise ConvertError(f"{index}: shard count mismatch: names {f.name}, which is "
+                                       f"missing ({len(names)} shard(s) listed)")
+            strays = sorted(set(numbered) - set(files))
+            if strays:
+                raise ConvertError(f"{index}: shard count mismatch: {strays[0].name} is in the "
+                                   f"folder but not in the index ({len(names)} shard(s) listed)")
+            _check_numbered(folder, files, index.name)
+            return files, kind
+        if (folder / single).is_file():
+            return [folder / single], kind
+        if numbered:
+            _check_numbered(folder, numbered, f"{stem}-*-of-*.{ext}")
+            return numbered, kind
+    raise ConvertError(f"{folder}: no weights: expected model.safetensors, model-*-of-*.safetensors"
+                       " (+ index), pytorch_model.bin or pytorch_model-*-of-*.bin (+ index)")
+
+
+class HfSource(Source):
+    kind = "Hugging Face"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder
+        config_path = folder / "config.json"
+        self.config = _load_json(config_path)
+        self.params = params_from_config(config_path, self.config)
+        self._shapes = self.params.tensor_shapes()
+        self.tokenizer_path = find_tokenizer(folder)
+        self.files, self.file_kind = _weight_files(folder)
+        # GGUF name -> (file, HF name, reader of that file, stored dtype)
+        self._where: dict[str, tuple[Path, str, Callable[[str], np.ndarray], str]] = {}
+        unexpected: list[str] = []
+        for f in self.files:
+            for hf_name, shape, dtype, read in self._open_file(f):
+                name = gguf_name(hf_name)
+                if name == "output.weight" and self.params.tied_embeddings:
+                    continue  # a saved copy of the tied embedding: the engine reuses token_embd
+                if name is None:
+                    if not _IGNORED.fullmatch(hf_name):
+                        unexpected.append(f"{hf_name} (in {f.name})")
+                    continue
+                if name in self._where:
+                    raise ConvertError(f"{f}: tensor '{hf_name}' also appears in "
+                                       f"{self._where[name][0].name}")
+                self._check_shape(f, hf_name, name, shape)
+                self._where[name] = (f, hf_name, read, dtype)
+        if unexpected:
+            raise ConvertError(f"{folder}: unexpected tensor name(s) for LlamaForCausalLM: "
+                               f"{', '.join(unexpected[:5])}"
+                               + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+        missing = [n for n in self._shapes if n not in self._where]
+        if missing:
+            raise ConvertError(f"{folder}: missing tensor(s) {', '.join(missing[:5])} "
+                               f"({len(missing)} in all) in {', '.join(f.name for f in self.files)}")
+
+    def _open_file(self, f: Path) -> list[tuple[str, tuple[int, ...], str,
+                                                Callable[[str], np.ndarray]]]:
+        reader = SafetensorsFile(f) if self.file_kind == "safetensors" else PickleFile(f)
+        return [(n, reader.shape(n), reader.dtype(n), reader.read) for n in reader.tensors]
+
+    def _check_shape(self, f: Path, hf_name: str, name: str, shape: tuple[int, ...]) -> None:
+        expected = self._shapes.get(name)
+        if expected is None:
+            raise ConvertError(f"{f}: unexpected tensor '{hf_name}': layer index outside the "
+                               f"{self.params.n_layers} layers of config.json")
+        if tuple(shape) != expected:
+            raise ConvertError(f"{f}: tensor '{hf_name}' has shape {list(shape)}, expected "
+                               f"{list(expected)} from config.json")
+
+    def read(self, name: str) -> np.ndarray:
+        _, hf_name, read, _ = self._where[name]
+        return permute_for_gguf(name, read(hf_name), self.params)
+
+    def stored_type(self, name: str) -> str:
+        return self._where[name][3]
+
+    def metadata(self) -> list[KeyValue]:
+        tok_kv, self.tokenizer_description = tokenizer_metadata(
+            self.tokenizer_path, self.path, self.params.n_vocab, hf_config=self.config)
+        repo = self.config.get("_name_or_path")
+        url = (f"https://huggingface.co/{repo}" if isinstance(repo, str)
+               and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) else None)
+        return kv.general(self.path.resolve().name, url) + self.params.metadata() + tok_kv
+
+    def describe(self) -> str:
+        n = len(self.files)
+        return (f"Hugging Face LlamaForCausalLM, {n} {self.file_kind} file{'s' * (n > 1)} "
+                f"in {self.path}")

@@ -266,6 +266,12 @@ class Tokenizer:
                 text = data  # type: ignore[assignment]  (kept as bytes: see the encoders)
         elif not isinstance(text, str):
             raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
+        else:
+            try:  # lone surrogates (undecodable argv/stdin, JSON "\udcff") are not text
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode: {text[e.start]!r} at index "
+                                 f"{e.start} is a lone surrogate") from None
 
         out: list[int] = []
         if add_bos or (add_bos is None and self.add_bos):

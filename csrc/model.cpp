@@ -6,6 +6,11 @@
 #include <cstring>
 #include <stdexcept>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace alpaca {
 
 Buffer::Buffer(size_t nbytes) : size_(nbytes) {
@@ -16,6 +21,21 @@ Buffer::Buffer(size_t nbytes) : size_(nbytes) {
 }
 
 void Buffer::Free::operator()(uint8_t* p) const { std::free(p); }
+
+// The source is a read-only mapping of the model file: once copied, its pages can leave our
+// resident set (the kernel re-reads them from the file if they are ever touched again), so the
+// peak RSS of a load stays near one copy of the weights instead of two.
+static void release_source_pages(const uint8_t* p, size_t n) {
+#if defined(__linux__)
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t start = (uintptr_t(p) + page - 1) / page * page;  // whole pages inside only
+  const uintptr_t end = (uintptr_t(p) + n) / page * page;
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
 
 static std::vector<float> load_vector(const std::map<std::string, TensorIn>& tensors,
                                       const std::string& name, int64_t n) {
@@ -46,6 +66,7 @@ Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
     throw std::invalid_argument("tensor " + name + ": byte size does not match its shape");
   m.data = Buffer(t.nbytes);
   std::memcpy(m.data.data(), t.data, t.nbytes);
+  release_source_pages(t.data, t.nbytes);
   weight_bytes_ += t.nbytes;
   return m;
 }

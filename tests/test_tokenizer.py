@@ -462,3 +462,8 @@ def test_stream_smollm2_golden(smol: Tokenizer, golden_cases: list[dict[str, Any
     chunks = stream(smol, emoji["ids_no_parse_special"])
     # " \xf0\x9f", "\xa6", "\x99": the space at once, the llama when its last byte comes
     assert chunks[3:6] == [" ", "", "🦙"]
+
+
+def test_lone_surrogates_are_refused(spm_tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="index 3 is a lone surrogate"):
+        spm_tok.encode("caf\udce9")

@@ -1,0 +1,352 @@
+"""The measurement tools: alpaca-bench's records, alpaca-perplexity against an independent
+computation on the numpy reference, and the random-model writer (benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from tiny_model import TinySpec, write_tiny_model
+
+import alpaca_cpu
+from alpaca_cpu.cli import bench, perplexity
+from alpaca_cpu.gguf_file import open_model_file
+from alpaca_cpu.quants import dequantize
+from alpaca_cpu.reference import ReferenceModel
+from alpaca_cpu.tokenizer import Tokenizer
+from alpaca_cpu.tokenizer_bpe import BYTE_TO_UNICODE
+
+REPO = Path(__file__).resolve().parents[1]
+
+# perplexity() on the numpy reference vs the same reference driven by the test's own loop:
+# the same float32 logits up to batching (matmul blocking), so only rounding differs.
+SAME_MODEL_RTOL = 1e-6
+# The native engine vs the float32 reference on a float tiny model: the F16 KV cache and the
+# summation order move logits by up to ~1e-3 relative (test_model.FLOAT_RTOL), but the errors
+# average out over the scored tokens (measured: 1e-6 on PPL, 4e-5 on its error).
+ENGINE_PPL_RTOL = 5e-4
+# The CLI prints PPL with 4 decimals and its error with 5.
+PRINTED_PPL_ATOL = 5e-5
+PRINTED_ERR_ATOL = 5e-6
+# Dequantized random weights stay within their uniform range, up to one quantization step
+# (4-bit types: 1/7 of the block's absolute maximum).
+QUANT_RANGE_SLACK = 1.0 + 1.0 / 7
+
+CTX = 16  # perplexity chunk: 8 context tokens, 7 scored per chunk
+BOS = 0
+# Merges that make some multi-byte tokens out of the test text.
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"]
+TEXT = ("The heron stands in the shallow water at the edge of the river, and the sun is low. "
+        "Another heron answers from the reeds on the far side, then the evening is silent.\n")
+
+
+def bpe_tokenizer_metadata(n_vocab: int) -> dict[str, Any]:
+    """A byte-level BPE vocabulary of n_vocab tokens that adds BOS (id 0, also EOS)."""
+    merged = [m.replace(" ", "") for m in MERGES]
+    tokens = ["<|endoftext|>", *BYTE_TO_UNICODE.values(), *merged]
+    tokens += [f"<unused{i}>" for i in range(n_vocab - len(tokens))]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3] + [1] * (n_vocab - 1),
+        "tokenizer.ggml.merges": MERGES,
+        "tokenizer.ggml.bos_token_id": BOS,
+        "tokenizer.ggml.eos_token_id": BOS,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = TinySpec(n_heads=4, n_kv_heads=2, seed=11)
+    path = tmp_path_factory.mktemp("bench") / "tiny-bpe.gguf"
+    return write_tiny_model(path, spec, extra_metadata=bpe_tokenizer_metadata(spec.n_vocab))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text(TEXT)
+    return path
+
+
+# ---- perplexity ------------------------------------------------------------------------------
+
+
+def reference_perplexity(path: Path, ids: list[int], n_ctx: int,
+                         bos: int | None) -> tuple[float, float, int]:
+    """PPL, its error and the number of scored tokens, written out plainly from the
+    definition in llama.cpp's perplexity.cpp, on the numpy reference model."""
+    ref = ReferenceModel(path, n_ctx=n_ctx)
+    nll = []
+    for k in range(len(ids) // n_ctx):
+        chunk = ids[k * n_ctx : (k + 1) * n_ctx]
+        inputs = ([bos] + chunk[1:]) if bos is not None else chunk
+        logits = ref.forward(inputs, 0, all_logits=True).astype(np.float64)
+        for pos in range(n_ctx // 2, n_ctx - 1):
+            row = logits[pos]
+            log_z = row.max() + math.log(np.exp(row - row.max()).sum())
+            nll.append(log_z - row[chunk[pos + 1]])
+    values = np.array(nll)
+    ppl = math.exp(values.mean())
+    # llama.cpp: sqrt((mean(x^2) - mean(x)^2) / (n - 1)), i.e. the sample stddev over sqrt(n)
+    return ppl, ppl * values.std(ddof=1) / math.sqrt(len(values)), len(values)
+
+
+def text_ids(path: Path) -> list[int]:
+    tok = Tokenizer.from_metadata(open_model_file(path).metadata)
+    return tok.encode(TEXT.removesuffix("\n"))  # the CLI drops one trailing newline
+
+
+def test_test_text_makes_several_chunks_with_merges(tiny_with_tokenizer: Path) -> None:
+    ids = text_ids(tiny_with_tokenizer)
+    assert ids[0] == BOS and len(ids) >= 5 * CTX
+    assert len(ids) < len(TEXT.encode())  # some merges applied: the vocabulary is BPE
+
+
+@pytest.mark.parametrize("bos", [BOS, None], ids=["bos-replaced", "no-bos"])
+@pytest.mark.parametrize("n_batch", [CTX, 5], ids=["whole-chunk", "batch-5"])
+def test_perplexity_is_llama_cpp_definition(tiny_with_tokenizer: Path, bos: int | None,
+                                            n_batch: int) -> None:
+    ids = text_ids(tiny_with_tokenizer)
+    expected_ppl, expected_err, n_scored = reference_perplexity(tiny_with_tokenizer, ids, CTX,
+                                                                bos)
+    seen: list[tuple[int, float]] = []
+    result = perplexity.perplexity(ReferenceModel(tiny_with_tokenizer, n_ctx=CTX), ids, CTX,
+                                   n_batch, bos, on_chunk=lambda i, p, s: seen.append((i, p)))
+    assert result.n_chunks == len(ids) // CTX and result.n_scored == n_scored
+    assert n_scored == result.n_chunks * (CTX - CTX // 2 - 1)
+    assert result.ppl == pytest.approx(expected_ppl, rel=SAME_MODEL_RTOL)
+    assert result.error == pytest.approx(expected_err, rel=SAME_MODEL_RTOL)
+    assert [i for i, _ in seen] == list(range(result.n_chunks))
+    assert seen[-1][1] == result.ppl and result.running == [p for _, p in seen]
+    assert 1.0 < result.ppl < 10 * 320  # finite and of a sane size for 320 tokens
+
+
+def test_bos_replacement_changes_the_result(tiny_with_tokenizer: Path) -> None:
+    ids = text_ids(tiny_with_tokenizer)
+    ref = ReferenceModel(tiny_with_tokenizer, n_ctx=CTX)
+    with_bos = perplexity.perplexity(ref, ids, CTX, CTX, BOS).ppl
+    without = perplexity.perplexity(ref, ids, CTX, CTX, None).ppl
+    assert with_bos != without  # so the parametrized test above checks both paths
+
+
+def test_perplexity_cli_matches_reference(tiny_with_tokenizer: Path, text_file: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ids = text_ids(tiny_with_tokenizer)
+    expected_ppl, expected_err, _ = reference_perplexity(tiny_with_tokenizer, ids, CTX, BOS)
+    code = perplexity.main(["-m", str(tiny_with_tokenizer), "-f", str(text_file), "-c",
+                            str(CTX), "-t", "1", "-b", "5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    m = re.fullmatch(r"Final estimate: PPL = (\d+\.\d{4}) \+/- (\d+\.\d{5})\n", out)
+    assert m, out
+    ppl, ppl_err = float(m[1]), float(m[2])
+    assert ppl == pytest.approx(expected_ppl, rel=ENGINE_PPL_RTOL, abs=PRINTED_PPL_ATOL)
+    assert ppl_err == pytest.approx(expected_err, rel=ENGINE_PPL_RTOL, abs=PRINTED_ERR_ATOL)
+    n_chunks = len(ids) // CTX
+    running = re.findall(r"\[(\d+)\](\d+\.\d{4}),", err)
+    assert [int(i) for i, _ in running] == list(range(1, n_chunks + 1))
+    assert float(running[-1][1]) == ppl
+
+
+def test_perplexity_cli_refuses_short_text(tiny_with_tokenizer: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("The heron.")
+    code = perplexity.main(["-m", str(tiny_with_tokenizer), "-f", str(short), "-c", str(CTX)])
+    assert code == 2
+    assert f"needs at least {2 * CTX}" in capsys.readouterr().err
+
+
+# ---- alpaca-bench ----------------------------------------------------------------------------
+
+RECORD_TYPES = {
+    "model_filename": str, "model_type": str, "model_size": int, "model_n_params": int,
+    "n_threads": int, "n_prompt": int, "n_gen": int, "avg_ts": float, "stddev_ts": float,
+    "samples_ts": list, "isa": str, "api": str, "avg_ns": int, "stddev_ns": int,
+    "samples_ns": list, "load_s": float, "n_ctx": int, "rss_load": int, "peak_rss_load": int,
+    "bandwidth_gbs": float,
+}
+ENGINE_ONLY = {"rss_full_ctx": int, "peak_rss_full_ctx": int, "kv_bytes": int}
+
+
+def run_bench(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = bench.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_json_records(tiny_with_tokenizer: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    p, n, reps = 8, 4, 2
+    code, out, err = run_bench(["-m", str(tiny_with_tokenizer), "-t", "1,2", "-p", str(p), "-n",
+                                str(n), "-r", str(reps), "-o", "json", "--bandwidth",
+                                "--bandwidth-mib", "4"], capsys)
+    assert code == 0, err
+    records = json.loads(out)
+    mf = open_model_file(tiny_with_tokenizer)
+    cfg = mf.config
+    size = sum(t.data.nbytes for t in mf.tensors.values())
+    keys = [(r["n_threads"], r["api"], r["n_prompt"], r["n_gen"]) for r in records]
+    assert sorted(keys) == sorted((t, api, pp, tg) for t in (1, 2) for api in ("model", "llama")
+                                  for pp, tg in ((p, 0), (0, n)))
+    embd = mf.tensors["token_embd.weight"]
+    for r in records:
+        types = RECORD_TYPES | (ENGINE_ONLY if r["api"] == "model" else {})
+        for key, kind in types.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert r["model_filename"] == str(tiny_with_tokenizer)
+        assert r["model_size"] == size
+        assert r["model_n_params"] == sum(t.rows * t.cols for t in mf.tensors.values())
+        assert r["model_type"] == "llama 0.1M F32"
+        assert r["isa"] in alpaca_cpu.available_isas()
+        assert r["n_ctx"] == p + n
+        assert len(r["samples_ts"]) == len(r["samples_ns"]) == reps
+        assert r["avg_ts"] == pytest.approx(statistics.fmean(r["samples_ts"]))
+        assert r["stddev_ts"] == pytest.approx(statistics.stdev(r["samples_ts"]))
+        for ts, ns in zip(r["samples_ts"], r["samples_ns"]):
+            assert ts > 0 and ts == pytest.approx((p if r["n_prompt"] else n) / (ns * 1e-9),
+                                                  rel=1e-6)
+        assert 0 < r["rss_load"] <= r["peak_rss_load"]
+        assert r["bandwidth_gbs"] > 0
+        if r["api"] == "model":
+            assert r["kv_bytes"] == 2 * cfg.n_layers * r["n_ctx"] * cfg.kv_dim * 2  # F16
+            assert r["rss_full_ctx"] <= r["peak_rss_full_ctx"]
+            assert r["peak_rss_load"] <= r["peak_rss_full_ctx"]
+        if r["n_gen"]:
+            # untied: the embedding contributes one row; KV read at (n + 1) / 2 positions on average
+            kv = 2 * cfg.n_layers * cfg.kv_dim * 2 * (n + 1) / 2
+            expected = size - embd.data.nbytes + embd.data.nbytes // embd.rows + kv
+            assert r["bytes_per_token"] == round(expected)
+            assert r["bandwidth_fraction"] == pytest.approx(
+                r["avg_ts"] * r["bytes_per_token"] / (r["bandwidth_gbs"] * 1e9))
+        else:
+            assert "bandwidth_fraction" not in r
+
+
+def test_bench_markdown_table(tiny_with_tokenizer: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_bench(["-m", str(tiny_with_tokenizer), "-t", "1", "-p", "8", "-n",
+                                "4", "-r", "1", "--api", "model"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert re.match(r"\| model +\| size +\| params +\| api +\| isa +\| threads \| +test \| +t/s \|",
+                    lines[0])
+    rows = [line for line in lines if line.startswith("| llama ")]
+    assert re.search(r"\| +pp8 \| +\d+\.\d\d ± \d+\.\d\d \|$", rows[0])
+    assert re.search(r"\| +tg4 \| +\d+\.\d\d ± \d+\.\d\d \|$", rows[1])
+    assert "RSS full ctx" in out and "(n_ctx 12)" in out
+
+
+def test_bench_without_tokenizer_needs_api_model(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tiny_model(tmp_path / "plain.gguf", TinySpec(wtype=T.Q8_0))
+    code, _, err = run_bench(["-m", str(path), "-p", "4", "-n", "2", "-r", "1"], capsys)
+    assert code == 2 and "--api model" in err
+    code, out, err = run_bench(["-m", str(path), "-p", "4", "-n", "2", "-r", "1", "-o", "json",
+                                "--api", "model"], capsys)
+    assert code == 0, err
+    records = json.loads(out)
+    assert [(r["api"], r["n_prompt"], r["n_gen"]) for r in records] == [("model", 4, 0),
+                                                                        ("model", 0, 2)]
+    assert records[0]["model_type"] == "llama 0.1M Q8_0"
+
+
+# ---- benchmarks/make_random_model.py ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def make_random_model() -> ModuleType:
+    path = REPO / "benchmarks" / "make_random_model.py"
+    spec = importlib.util.spec_from_file_location("make_random_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+CUSTOM = ["--shape", "custom", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads",
+          "2", "--ffn", "96", "--vocab", "300"]
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q8_0", "f16"])
+def test_random_model_loads_and_runs(make_random_model: ModuleType, tmp_path: Path,
+                                     type_name: str) -> None:
+    out = tmp_path / f"random.{type_name}.gguf"
+    assert make_random_model.main([*CUSTOM, "--type", type_name, "-o", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+    mf = open_model_file(out)
+    cfg = mf.config
+    assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.n_vocab) == \
+        (2, 64, 4, 2, 96, 300)
+    assert not cfg.tied_embeddings
+    wtype = T[type_name.upper()]
+    for name, t in mf.tensors.items():
+        assert t.type == (T.F32 if name.endswith("norm.weight") else wtype), name
+        if t.type == T.F32:
+            assert np.all(dequantize(t.data, t.type, t.cols) == 1.0)
+        else:
+            values = dequantize(t.data, t.type, t.cols)
+            bound = math.sqrt(3.0) if name == "token_embd.weight" else math.sqrt(3.0 / t.cols)
+            assert np.abs(values).max() <= bound * QUANT_RANGE_SLACK, name
+            assert values.std() > bound / 3, name  # filled with noise, not zeros
+    tok = Tokenizer.from_metadata(mf.metadata)
+    assert tok.encode("hi") == [1, 3 + 0xE2, 3 + 0x96, 3 + 0x81,  # "\u2581" (SPM space) in UTF-8
+                                3 + ord("h"), 3 + ord("i")]  # BOS, then byte tokens
+    assert tok.eos_id == 2 and tok.n_vocab == 300
+    model = alpaca_cpu.Model(out, n_ctx=32, n_threads=1)
+    logits = model.forward([1, 70, 80, 90], all_logits=True)
+    assert logits.shape == (4, 300) and np.isfinite(logits).all()
+    assert logits.std() > 0
+
+
+def test_random_model_real_shapes(make_random_model: ModuleType) -> None:
+    """Parameter counts of the named shapes are those of the real models."""
+    def n_params(shape: str, vocab: int) -> int:
+        plan = make_random_model.tensor_plan(make_random_model.SHAPES[shape], vocab, T.Q4_0,
+                                             tied=False)
+        return sum(math.prod(t.shape) for t in plan)
+    assert n_params("tinyllama", 32000) == 1_100_048_384  # TinyLlama-1.1B
+    assert n_params("llama7b", 32000) == 6_738_415_616  # LLaMA-7B
+    plan = make_random_model.tensor_plan(make_random_model.SHAPES["llama7b"], 32000, T.Q4_0,
+                                         tied=False)
+    # The Q4_0 file is ~3.9 GB: every matrix in Q4_0 (18 bytes per 32 weights).
+    assert sum(t.nbytes for t in plan) == pytest.approx(3.79e9, rel=0.01)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shape", "custom", "--layers", "2", "--dim", "64", "--ffn", "96"], "needs --heads"),
+    ([*CUSTOM[:5], "48", *CUSTOM[6:]], "is not a multiple of 32"),
+    ([*CUSTOM[:-1], "100"], "expected at least 259"),
+    ([*CUSTOM[:9], "3", *CUSTOM[10:]], "must be a multiple of --kv-heads"),
+])
+def test_random_model_refuses_bad_shapes(make_random_model: ModuleType, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], extra: list[str],
+                                         message: str) -> None:
+    out = tmp_path / "bad.gguf"
+    assert make_random_model.main([*extra, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_random_model_keeps_existing_file(make_random_model: ModuleType, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep")
+    assert make_random_model.main([*CUSTOM, "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    assert make_random_model.main([*CUSTOM, "-o", str(out), "--force"]) == 0
+    assert open_model_file(out).config.n_layers == 2

@@ -201,7 +201,7 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
   const size_t eb = kv_f16_ ? 2 : 4;
   const float scale = 1.0f / std::sqrt(float(hd));
   // One task per (token, kv head): the query heads sharing a KV head read each K/V row once.
-  pool_.parallel_for(n * hp_.n_kv_heads, [&](int64_t task, int thread) {
+  auto task_fn = [&](int64_t task, int thread) {
     const int64_t t = task / hp_.n_kv_heads, g = task % hp_.n_kv_heads;
     const int64_t pos = start_pos + t, n_pos = pos + 1;
     const size_t head_off = (size_t(layer) * hp_.n_kv_heads + g) * n_ctx_ * hd;
@@ -238,7 +238,16 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
         }
       }
     }
-  });
+  };
+  // Decoding over a short context is a few microseconds of work: waking the pool for it
+  // costs more than it saves (one barrier less per layer and token).
+  constexpr int64_t kInlineAttentionMacs = 1 << 16;
+  const int64_t macs = n * (start_pos + n) * hp_.n_heads * hd;
+  if (macs < kInlineAttentionMacs) {
+    for (int64_t task = 0; task < n * hp_.n_kv_heads; task++) task_fn(task, 0);
+  } else {
+    pool_.parallel_for(n * hp_.n_kv_heads, task_fn);
+  }
 }
 
 std::vector<uint8_t> Model::save_kv(int64_t n_pos) {

@@ -207,3 +207,13 @@ def test_prompt_errors(llm: Llama) -> None:
         llm("a\x00b", max_tokens=1)
     with pytest.raises(ValueError, match="bytes"):
         llm.tokenize("not bytes")  # type: ignore[arg-type]
+
+
+def test_echo_prepends_the_prompt(llm: Llama) -> None:
+    plain = llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    echoed = llm("The capital of France is", max_tokens=4, temperature=0, echo=True)
+    assert echoed["choices"][0]["text"] == "The capital of France is" + plain
+    streamed = "".join(c["choices"][0]["text"] for c in
+                       llm("The capital of France is", max_tokens=4, temperature=0, echo=True,
+                           stream=True))
+    assert streamed == echoed["choices"][0]["text"]

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,58 @@ from .stop_strings import StopStringFilter
 from .tokenizer import StreamingDecoder, Tokenizer
 
 MAX_TOKENS_LIMIT = 1 << 31  # beyond this a max_tokens value is a mistake, not a request
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot take as meant: NUL characters (C strings end there,
+    so they are usually an injection or a bug) and lone surrogates (not valid Unicode: they
+    have no UTF-8 encoding)."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise ValueError(f"{what} contains a NUL character at index {nul}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: U+{ord(text[e.start]):04X} at index "
+                         f"{e.start} ({e.reason})") from None
+
+
+def _check_seed(seed: object) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)
+                             or seed < 0):
+        raise ValueError(f"seed = {seed!r}, expected None or an integer >= 0")
+
+
+class _Turn:
+    """Whose turn it is to generate with a Llama: one generation at a time, the others wait.
+
+    A generation holds the turn from its prompt to its end, across the yields of a stream, so
+    this is a plain Lock: any thread may release it, because a stream may be resumed (and
+    closed) from another thread than the one that started it. A generation started by the
+    thread that last ran the holder goes ahead without the turn instead of waiting for itself
+    forever (say, a second stream opened while the first is unfinished): Llama._sync keeps
+    both correct, at the cost of re-evaluating their contexts when they alternate. A stream
+    left unfinished holds the turn until it is closed or garbage-collected.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.thread: int | None = None  # the thread that last ran the holder
+
+    def acquire(self) -> bool:
+        """Take the turn (True), or go ahead without it (False; see above)."""
+        me = threading.get_ident()
+        if self.thread == me:
+            if not self._lock.acquire(blocking=False):
+                return False
+        else:
+            self._lock.acquire()
+        self.thread = me
+        return True
+
+    def release(self) -> None:
+        self.thread = None
+        self._lock.release()
 
 
 @dataclass
@@ -61,6 +114,7 @@ class Llama:
         t0 = time.perf_counter()
         if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
             raise ValueError(f"n_batch = {n_batch!r}, expected a positive integer")
+        _check_seed(seed)
         self.model_path = str(model_path)
         self.verbose = verbose
         self.n_batch = n_batch
@@ -73,9 +127,14 @@ class Llama:
         self._chat = get_chat_formatter(chat_format, md)
         self.chat_format = chat_format
         self._rng = np.random.default_rng(seed)
-        self._tokens: list[int] = []  # ids whose K/V are in the cache, position = index
-        self._logits: np.ndarray | None = None  # logits after the last evaluated token
-        self._lock = threading.RLock()  # one generation at a time per object
+        # What the cache holds. Invariants, kept even when an exception (Ctrl-C) stops an
+        # update half-way: _tokens lists ids whose K/V are in the cache (position = index;
+        # positions beyond it may hold anything), and _logits is None or the logits after
+        # _tokens[-1]. Both change only under _lock.
+        self._tokens: list[int] = []
+        self._logits: np.ndarray | None = None
+        self._lock = threading.RLock()  # held while the cache changes (one step, not a stream)
+        self._turn = _Turn()  # one generation at a time (held across a stream's yields)
         self.last_eval = EvalStats()
         self.load_seconds = time.perf_counter() - t0
         if verbose:
@@ -104,20 +163,52 @@ class Llama:
     # ---- text <-> tokens -----------------------------------------------------------------
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of UTF-8 `text`; ValueError names the offset of the first invalid byte.
+
+        NUL bytes are tokenized like any other byte (they are valid UTF-8), so that the ids
+        of detokenize()'s output can always be had back.
+        """
         if not isinstance(text, (bytes, bytearray)):
-            raise ValueError(f"tokenize() takes bytes, got {type(text).__name__}")
-        return self.tokenizer_.encode(bytes(text), add_bos=add_bos and self.tokenizer_.add_bos,
+            raise ValueError(f"tokenize() takes bytes, got {type(text).__name__}")  # noqa: TRY004
+        data = bytes(text)
+        try:
+            decoded = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the text is not valid UTF-8: byte {data[e.start]:#04x} at offset "
+                             f"{e.start} ({e.reason})") from None
+        return self.tokenizer_.encode(decoded, add_bos=add_bos and self.tokenizer_.add_bos,
                                       special=special)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        return self.tokenizer_.decode(tokens, special=special) if tokens else b""
+        ids = self._check_ids(tokens)
+        return self.tokenizer_.decode(ids, special=special) if ids else b""
+
+    def _check_ids(self, tokens: Sequence[int], max_len: int | None = None) -> list[int]:
+        """The ids as a list of ints; ValueError for anything else, or for more than max_len."""
+        # ValueError, not TypeError, for every bad input at the API (DESIGN.md, decision 14).
+        if isinstance(tokens, (str, bytes, bytearray)) \
+                or not isinstance(tokens, (Sequence, np.ndarray)):
+            raise ValueError(f"token ids must be a sequence of integers, got "  # noqa: TRY004
+                             f"{type(tokens).__name__}")
+        n_vocab = self.n_vocab()
+        out = []
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, Integral):
+                raise ValueError(f"token ids must be integers; item {i} is {t!r}")  # noqa: TRY004
+            if not 0 <= t < n_vocab:
+                raise ValueError(f"token id {t} at index {i} is outside [0, {n_vocab})")
+            out.append(int(t))
+        if max_len is not None and len(out) > max_len:
+            raise ValueError(f"{len(out)} tokens do not fit the context of {max_len}")
+        return out
 
     # ---- evaluation ----------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the evaluated context (the next prompt is evaluated from scratch)."""
         with self._lock:
-            self._tokens, self._logits = [], None
+            self._logits = None
+            self._tokens = []
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Make the cache hold exactly `tokens` and return the logits after the last one.
@@ -126,38 +217,45 @@ class Llama:
         computed, in batches of n_batch (an interrupt stops between batches and leaves the
         object consistent).
         """
-        tokens = [int(t) for t in tokens]
+        tokens = self._check_ids(tokens, self.n_ctx())
         if not tokens:
             raise ValueError("cannot evaluate an empty list of tokens")
-        if len(tokens) > self.n_ctx():
-            raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx()}")
         with self._lock:
-            t0 = time.perf_counter()
-            reuse = 0
-            for a, b in zip(self._tokens, tokens):
-                if a != b:
-                    break
-                reuse += 1
-            if reuse == len(tokens):  # nothing new, but the logits must be recomputed
-                reuse -= 1
-            if reuse < len(self._tokens):
-                self._tokens = self._tokens[:reuse]
-                self._logits = None
-            for start in range(reuse, len(tokens), self.n_batch):
-                batch = tokens[start : start + self.n_batch]
-                self._logits = self._model.forward(batch, start_pos=start)
-                self._tokens.extend(batch)
-            self.last_eval = EvalStats(reuse, len(tokens) - reuse, time.perf_counter() - t0)
-            assert self._logits is not None
-            return self._logits
+            return self._sync(tokens, record=True)
 
-    def _shift_context(self, n_keep: int) -> None:
-        """Keep the first n_keep tokens, drop the oldest half of the rest, re-evaluate."""
-        keep = min(max(n_keep, 0), len(self._tokens) - 2)
-        rest = self._tokens[keep:]
-        kept = self._tokens[:keep] + rest[len(rest) // 2 :]
-        self._tokens = self._tokens[:keep]  # positions after `keep` move, so they are recomputed
-        self.eval(kept)
+    def _sync(self, tokens: list[int], record: bool = False) -> np.ndarray:
+        """eval() on checked ids, with _lock held; record: set last_eval."""
+        t0 = time.perf_counter()
+        n_cached = len(self._tokens)
+        if tokens[:n_cached] == self._tokens:  # the usual case (next token, next turn): no loop
+            reuse = n_cached
+        else:
+            reuse = next((i for i, (a, b) in enumerate(zip(self._tokens, tokens)) if a != b),
+                         min(n_cached, len(tokens)))
+        reuse = min(reuse, len(tokens) - 1)  # the last token is always run: we need its logits
+        if reuse < n_cached:
+            self._logits = None
+            del self._tokens[reuse:]
+        logits = None
+        for start in range(reuse, len(tokens), self.n_batch):
+            batch = tokens[start : start + self.n_batch]
+            logits = self._model.forward(batch, start_pos=start)
+            # In this order, an interrupt between any two lines breaks no invariant.
+            self._logits = None
+            self._tokens.extend(batch)
+            self._logits = logits
+        if record:
+            self.last_eval = EvalStats(reuse, len(tokens) - reuse, time.perf_counter() - t0)
+        assert logits is not None
+        return logits
+
+    @staticmethod
+    def _shifted(tokens: list[int], n_keep: int) -> list[int]:
+        """A full context made room in: keep the first n_keep tokens, drop the oldest half of
+        the rest (the tokens after the kept ones move, so the cache recomputes them)."""
+        keep = min(max(n_keep, 0), len(tokens) - 2)
+        rest = tokens[keep:]
+        return tokens[:keep] + rest[len(rest) // 2 :]
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -171,26 +269,57 @@ class Llama:
 
         With context_shift, a full context keeps its first n_keep tokens, drops the oldest half
         of the rest and goes on. The caller stops the iteration (EOG, stop strings, max_tokens).
+        Arguments are checked now, not at the first token.
         """
         params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                 presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         params.validate(self.n_vocab())
+        _check_seed(seed)
+        ids = self._check_ids(tokens, self.n_ctx())
+        if not ids:
+            raise ValueError("cannot generate after an empty list of tokens")
         rng = np.random.default_rng(seed) if seed is not None else self._rng
-        with self._lock:
-            logits = self.eval(tokens)
-            while True:
-                tok = sample(logits, params, rng, self._tokens)
-                self._last_sampled_logits = logits
+        return self._token_ids(self._generate(ids, params, rng, context_shift, n_keep))
+
+    @staticmethod
+    def _token_ids(steps: Iterator[tuple[int, np.ndarray]]) -> Iterator[int]:
+        try:
+            for tok, _ in steps:
                 yield tok
-                if len(self._tokens) >= self.n_ctx():
+        finally:
+            steps.close()  # now, not whenever the garbage collector gets to it: frees the turn
+
+    def _generate(self, tokens: list[int], params: SamplingParams, rng: np.random.Generator,
+                  context_shift: bool, n_keep: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Each sampled token with the logits it was sampled from.
+
+        The generation keeps its own context and brings the cache to it before every step, so
+        it stays right even if something else used the model while it was suspended at a
+        yield (see _Turn); normally only the new token is computed.
+        """
+        ctx = list(tokens)
+        held = False
+        try:
+            held = self._turn.acquire()
+            with self._lock:
+                logits = self._sync(ctx, record=True)
+            while True:
+                tok = sample(logits, params, rng, ctx)
+                yield tok, logits
+                if held:
+                    self._turn.thread = threading.get_ident()
+                if len(ctx) >= self.n_ctx():
                     if not context_shift:
                         return
-                    self._shift_context(n_keep)
-                logits = self._model.forward([tok], start_pos=len(self._tokens))
-                self._tokens.append(tok)
-                self._logits = logits
+                    ctx = self._shifted(ctx, n_keep)
+                ctx.append(tok)
+                with self._lock:
+                    logits = self._sync(ctx)
+        finally:
+            if held:
+                self._turn.release()
 
     def _completion_events(self, prompt_tokens: list[int], max_tokens: int | None,
                            params: dict[str, Any], stop: Sequence[str], logprobs: int | None,
@@ -203,17 +332,19 @@ class Llama:
         finish = "length"
         limit = max_tokens if max_tokens is not None else (1 << 62)
         if limit > 0:
-            gen = self.generate(prompt_tokens, context_shift=context_shift, n_keep=n_keep,
-                                **params)
+            seed = params.pop("seed")
+            rng = np.random.default_rng(seed) if seed is not None else self._rng
+            gen = self._generate(prompt_tokens, SamplingParams(**params), rng, context_shift,
+                                 n_keep)
             try:
-                for tok in gen:
+                for tok, logits in gen:
                     if self.tokenizer_.is_eog(tok):
                         finish = "stop"
                         break
                     n += 1
                     lp = None
                     if logprobs is not None:
-                        lp = self._logprob_entry(tok, self._last_sampled_logits, logprobs)
+                        lp = self._logprob_entry(tok, logits, logprobs)
                     text = stops.push(decoder.feed(tok))
                     if text or lp is not None:
                         yield {"text": text, "token": tok, "logprobs": lp}
@@ -255,21 +386,25 @@ class Llama:
                                      or not 0 <= logprobs <= self.n_vocab()):
             raise ValueError(f"logprobs = {logprobs!r}, expected None or an integer in "
                              f"[0, {self.n_vocab()}]")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stop is None:
+            stops = []
+        elif isinstance(stop, Sequence) and not isinstance(stop, str):
+            stops = list(stop)
+        else:
+            stops = [stop]  # a string, or something else that is refused below
         if not all(isinstance(s, str) for s in stops):
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         return stops
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            if "\x00" in prompt:
-                raise ValueError("the prompt contains a NUL character")
+            _check_text(prompt, "the prompt")
             tokens = self.tokenizer_.encode(prompt, special=True)
+        elif isinstance(prompt, (bytes, bytearray)):  # a Sequence[int], but surely meant as text
+            raise ValueError("the prompt must be a str or a list of token ids, not bytes "  # noqa: TRY004
+                             "(decode it first)")
         else:
-            tokens = [int(t) for t in prompt]
-            bad = [t for t in tokens if not 0 <= t < self.n_vocab()]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside [0, {self.n_vocab()})")
+            tokens = self._check_ids(prompt)
         if not tokens:
             raise ValueError("the prompt is empty (no tokens); pass some text")
         if len(tokens) > self.n_ctx():
@@ -292,13 +427,15 @@ class Llama:
         context (which, with context_shift=True, is shifted instead).
         """
         stops = self._check_common(max_tokens, logprobs, stop)
+        _check_seed(seed)
         tokens = self._prompt_tokens(prompt)
-        params = dict(temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                      repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                      logit_bias=logit_bias, seed=seed)
-        SamplingParams(**{("temperature" if k == "temp" else k): v for k, v in params.items()
-                          if k != "seed"}).validate(self.n_vocab())
+        params: dict[str, Any] = {
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+            "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
+            "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+            "logit_bias": logit_bias}
+        SamplingParams(**params).validate(self.n_vocab())
+        params["seed"] = seed
         prompt_text = (prompt if isinstance(prompt, str)
                        else self.detokenize(tokens).decode("utf-8", "replace"))
         events = self._completion_events(tokens, max_tokens, params, stops, logprobs,
@@ -356,24 +493,33 @@ class Llama:
         if echo_text:
             offset = len(echo_text)
             yield chunk(echo_text, None)
-        for ev in events:
-            if "finish_reason" in ev:
-                yield chunk("", ev["finish_reason"])
-                return
-            lp = (self._openai_logprobs([(ev["logprobs"], offset)])
-                  if logprobs is not None and ev["logprobs"] is not None else None)
-            offset += len(ev["text"])
-            yield chunk(ev["text"], None, lp)
+        try:
+            for ev in events:
+                if "finish_reason" in ev:
+                    yield chunk("", ev["finish_reason"])
+                    return
+                lp = (self._openai_logprobs([(ev["logprobs"], offset)])
+                      if logprobs is not None and ev["logprobs"] is not None else None)
+                offset += len(ev["text"])
+                yield chunk(ev["text"], None, lp)
+        finally:
+            events.close()  # a stream dropped half-way frees the model now
 
     # ---- chat ----------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Mapping[str, str]],
                     add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with this model's chat format."""
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError(  # noqa: TRY004
+                f"messages must be a list of dicts, got {type(messages).__name__}")
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+                raise ValueError(  # noqa: TRY004
+                    f"messages[{i}] must be a dict with string 'role' and 'content'")
+            _check_text(m["role"], f"messages[{i}]['role']")
+            _check_text(m["content"], f"messages[{i}]['content']")
         text = self._chat.render(messages, add_generation_prompt=add_generation_prompt)
         bos = self.tokenizer_.bos_id
         starts_with_bos = bos is not None and text.startswith(self.tokenizer_.tokens[bos])
@@ -422,13 +568,16 @@ class Llama:
                     "model": self.model_path,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                  "finish_reason": finish}]}
-        yield chunk({"role": "assistant"}, None)
-        for c in chunks:
-            ch = c["choices"][0]
-            if ch["finish_reason"] is not None:
-                yield chunk({}, ch["finish_reason"])
-            elif ch["text"]:
-                yield chunk({"content": ch["text"]}, None)
+        try:
+            yield chunk({"role": "assistant"}, None)
+            for c in chunks:
+                ch = c["choices"][0]
+                if ch["finish_reason"] is not None:
+                    yield chunk({}, ch["finish_reason"])
+                elif ch["text"]:
+                    yield chunk({"content": ch["text"]}, None)
+        finally:
+            chunks.close()
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -439,11 +588,21 @@ class Llama:
                               rng_state=self._rng.bit_generator.state, n_ctx=self.n_ctx())
 
     def load_state(self, state: LlamaState) -> None:
+        if state.n_ctx > self.n_ctx() or len(state.tokens) > self.n_ctx():
+            raise ValueError(f"the state holds {len(state.tokens)} tokens of a context of "
+                             f"{state.n_ctx}, more than this model's {self.n_ctx()}")
+        tokens = self._check_ids(state.tokens)
+        logits = None
+        if state.logits is not None:
+            logits = np.array(state.logits, dtype=np.float32)
+            if logits.shape != (self.n_vocab(),):
+                raise ValueError(f"the state's logits have shape {logits.shape}, expected "
+                                 f"({self.n_vocab()},)")
         with self._lock:
-            if state.n_ctx > self.n_ctx() or len(state.tokens) > self.n_ctx():
-                raise ValueError(f"the state holds {len(state.tokens)} tokens of a context of "
-                                 f"{state.n_ctx}, more than this model's {self.n_ctx()}")
-            self._model.load_kv(state.kv, len(state.tokens))
-            self._tokens = list(state.tokens)
-            self._logits = None if state.logits is None else state.logits.copy()
+            # The cache is unknown while it is overwritten (see the invariants in __init__).
+            self._logits = None
+            self._tokens = []
+            self._model.load_kv(state.kv, len(tokens))
+            self._tokens = tokens
+            self._logits = logits
             self._rng.bit_generator.state = state.rng_state

@@ -13,7 +13,6 @@ from .config import ModelConfig
 from .gguf_file import open_model_file
 from .system import available_memory_bytes, physical_cores
 
-
 # Activations, scratch and the interpreter on top of weights and KV cache: a model that needs
 # more than what is available minus this margin is refused rather than started.
 MEMORY_MARGIN_BYTES = 256 << 20
@@ -97,7 +96,7 @@ class Model:
             i = int(np.argmax(bad))
             raise ValueError(f"token id {int(arr[i])} at index {i} is outside [0, {n_vocab})")
         if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
-            raise ValueError(f"start_pos = {start_pos!r}, expected an integer")
+            raise ValueError(f"start_pos = {start_pos!r}, expected an integer")  # noqa: TRY004
         if start_pos < 0 or start_pos + arr.size > self.n_ctx:
             raise ValueError(f"positions {start_pos}..{start_pos + arr.size - 1} do not fit the "
                              f"context of {self.n_ctx} tokens")
@@ -105,8 +104,17 @@ class Model:
 
     def save_kv(self, n_pos: int) -> bytes:
         """The KV cache of positions [0, n_pos) (for saving a session)."""
-        return self._core.save_kv(int(n_pos))
+        return self._core.save_kv(self._check_n_pos(n_pos))
 
     def load_kv(self, data: bytes, n_pos: int) -> None:
         """Restore positions [0, n_pos) of the KV cache from save_kv's bytes."""
-        self._core.load_kv(data, int(n_pos))
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(  # noqa: TRY004
+                f"load_kv takes the bytes save_kv gave, got {type(data).__name__}")
+        self._core.load_kv(bytes(data), self._check_n_pos(n_pos))
+
+    def _check_n_pos(self, n_pos: int) -> int:
+        if isinstance(n_pos, bool) or not isinstance(n_pos, (int, np.integer)) \
+                or not 0 <= n_pos <= self.n_ctx:
+            raise ValueError(f"n_pos = {n_pos!r}, expected an integer in [0, {self.n_ctx}]")
+        return int(n_pos)

@@ -25,6 +25,8 @@ static GgmlType to_type(int t) {
   throw std::invalid_argument("unsupported GGML type id " + std::to_string(t));
 }
 
+constexpr int kMaxThreads = 1024;
+
 static const KernelTable* table(const std::string& isa) {
   return isa.empty() ? active_kernels() : kernels_for(isa);
 }
@@ -37,6 +39,8 @@ static ByteArray quantize(const FloatArray& x, int type, int n_threads, const st
   if (is_block_type(t) && cols % QK != 0)
     throw std::invalid_argument("quantize: row length " + std::to_string(cols) +
                                 " is not a multiple of 32");
+  if (n_threads < 1 || n_threads > kMaxThreads)
+    throw std::invalid_argument("quantize: n_threads must be in [1, 1024]");
   const KernelTable* k = table(isa);
   const size_t rb = row_bytes(t, cols);
   ByteArray out({rows, int64_t(rb)});
@@ -143,8 +147,9 @@ static FloatArray axpy_f16(float a, const py::array_t<uint16_t, py::array::c_sty
 // Memory read bandwidth in GB/s: the best of `reps` passes of n_threads threads each reading
 // its slice of an nbytes buffer (much larger than the caches) with the ISA's widest loads.
 static double read_bandwidth(int64_t nbytes, int n_threads, int reps, const std::string& isa) {
-  if (nbytes < (1 << 20) || n_threads < 1 || reps < 1)
-    throw std::invalid_argument("read_bandwidth: need nbytes >= 1 MiB, n_threads >= 1, reps >= 1");
+  if (nbytes < (1 << 20) || n_threads < 1 || n_threads > kMaxThreads || reps < 1)
+    throw std::invalid_argument("read_bandwidth: need nbytes >= 1 MiB, 1 <= n_threads <= 1024, "
+                                "reps >= 1");
   const KernelTable* k = table(isa);
   py::gil_scoped_release release;
   const int64_t slice = nbytes / n_threads / 4096 * 4096;
@@ -195,8 +200,9 @@ class PyModel {
       tin[name] = TensorIn{to_type(type), rows, cols, static_cast<const uint8_t*>(info.ptr),
                            size_t(info.size * info.itemsize)};
     }
+    const KernelTable* kernels = active_kernels();
     py::gil_scoped_release release;
-    model_ = std::make_unique<Model>(hp, tin, n_ctx, n_threads, kv_f16, active_kernels());
+    model_ = std::make_unique<Model>(hp, tin, n_ctx, n_threads, kv_f16, kernels);
   }
 
   FloatArray forward(const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
@@ -223,7 +229,8 @@ class PyModel {
   }
 
   void load_kv(const py::bytes& data, int64_t n_pos) {
-    std::string_view sv = data;
+    std::string_view sv = data;  // the bytes object stays alive: `data` holds a reference
+    py::gil_scoped_release release;
     model_->load_kv(reinterpret_cast<const uint8_t*>(sv.data()), sv.size(), n_pos);
   }
 

@@ -1,6 +1,7 @@
 // Runtime ISA selection: the best kernel table this CPU supports, or a lower one by name.
 #include "dispatch.h"
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -72,13 +73,19 @@ const KernelTable* kernels_for(const std::string& name) {
   throw std::invalid_argument("ISA '" + name + "' has no kernel table");
 }
 
-static const KernelTable* g_active = nullptr;
+// Atomic: models may be built from several threads while another one picks an ISA.
+static std::atomic<const KernelTable*> g_active{nullptr};
 
 const KernelTable* active_kernels() {
-  if (!g_active) g_active = kernels_for(available_isas().back());
-  return g_active;
+  const KernelTable* k = g_active.load();
+  if (!k) {
+    k = kernels_for(available_isas().back());
+    const KernelTable* expected = nullptr;
+    if (!g_active.compare_exchange_strong(expected, k)) k = expected;
+  }
+  return k;
 }
 
-void set_active_isa(const std::string& name) { g_active = kernels_for(name); }
+void set_active_isa(const std::string& name) { g_active.store(kernels_for(name)); }
 
 }  // namespace alpaca

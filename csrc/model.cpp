@@ -42,7 +42,9 @@ static std::vector<float> load_vector(const std::map<std::string, TensorIn>& ten
   auto it = tensors.find(name);
   if (it == tensors.end()) throw std::invalid_argument("missing tensor " + name);
   const TensorIn& t = it->second;
-  if (t.type != GgmlType::F32 || t.rows * t.cols != n || t.nbytes != size_t(n) * 4)
+  int64_t elems = 0;
+  if (t.type != GgmlType::F32 || __builtin_mul_overflow(t.rows, t.cols, &elems) || elems != n ||
+      t.nbytes != size_t(n) * 4)
     throw std::invalid_argument("tensor " + name + " must be F32 with " + std::to_string(n) +
                                 " elements");
   std::vector<float> v(n);
@@ -51,10 +53,14 @@ static std::vector<float> load_vector(const std::map<std::string, TensorIn>& ten
 }
 
 Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
-                          const std::string& name) {
+                          const std::string& name, int64_t rows, int64_t cols) {
   auto it = tensors.find(name);
   if (it == tensors.end()) throw std::invalid_argument("missing tensor " + name);
   const TensorIn& t = it->second;
+  if (t.rows != rows || t.cols != cols)  // the Python loader checks this too; a second line
+    throw std::invalid_argument("tensor " + name + " has shape (" + std::to_string(t.rows) + ", " +
+                                std::to_string(t.cols) + "), expected (" + std::to_string(rows) +
+                                ", " + std::to_string(cols) + ")");
   if (is_block_type(t.type) && t.cols % QK != 0)
     throw std::invalid_argument("tensor " + name + ": row length must be a multiple of 32");
   Matrix m;
@@ -62,7 +68,8 @@ Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
   m.rows = t.rows;
   m.cols = t.cols;
   m.stride = row_bytes(t.type, t.cols);
-  if (m.stride * size_t(t.rows) != t.nbytes)
+  size_t total = 0;
+  if (t.rows < 0 || __builtin_mul_overflow(m.stride, size_t(t.rows), &total) || total != t.nbytes)
     throw std::invalid_argument("tensor " + name + ": byte size does not match its shape");
   m.data = Buffer(t.nbytes);
   std::memcpy(m.data.data(), t.data, t.nbytes);
@@ -75,27 +82,31 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
              int n_threads, bool kv_f16, const KernelTable* kernels)
     : hp_(hp), n_ctx_(n_ctx), kv_f16_(kv_f16), k_(kernels), pool_(n_threads) {
   if (n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1");
-  token_embd = load_matrix(tensors, "token_embd.weight");
+  token_embd = load_matrix(tensors, "token_embd.weight", hp.n_vocab, hp.dim);
   output_norm = load_vector(tensors, "output_norm.weight", hp.dim);
-  if (tensors.count("output.weight")) output = load_matrix(tensors, "output.weight");
+  if (tensors.count("output.weight")) output = load_matrix(tensors, "output.weight", hp.n_vocab, hp.dim);
   for (int64_t l = 0; l < hp.n_layers; l++) {
     const std::string p = "blk." + std::to_string(l) + ".";
     Layer L;
     L.attn_norm = load_vector(tensors, p + "attn_norm.weight", hp.dim);
-    L.attn_q = load_matrix(tensors, p + "attn_q.weight");
-    L.attn_k = load_matrix(tensors, p + "attn_k.weight");
-    L.attn_v = load_matrix(tensors, p + "attn_v.weight");
-    L.attn_output = load_matrix(tensors, p + "attn_output.weight");
+    L.attn_q = load_matrix(tensors, p + "attn_q.weight", hp.n_heads * hp.head_dim, hp.dim);
+    L.attn_k = load_matrix(tensors, p + "attn_k.weight", hp.n_kv_heads * hp.head_dim, hp.dim);
+    L.attn_v = load_matrix(tensors, p + "attn_v.weight", hp.n_kv_heads * hp.head_dim, hp.dim);
+    L.attn_output = load_matrix(tensors, p + "attn_output.weight", hp.dim, hp.n_heads * hp.head_dim);
     L.ffn_norm = load_vector(tensors, p + "ffn_norm.weight", hp.dim);
-    L.ffn_gate = load_matrix(tensors, p + "ffn_gate.weight");
-    L.ffn_up = load_matrix(tensors, p + "ffn_up.weight");
-    L.ffn_down = load_matrix(tensors, p + "ffn_down.weight");
+    L.ffn_gate = load_matrix(tensors, p + "ffn_gate.weight", hp.ffn_dim, hp.dim);
+    L.ffn_up = load_matrix(tensors, p + "ffn_up.weight", hp.ffn_dim, hp.dim);
+    L.ffn_down = load_matrix(tensors, p + "ffn_down.weight", hp.dim, hp.ffn_dim);
     layers.push_back(std::move(L));
   }
   for (int64_t i = 0; i < hp.n_rot / 2; i++)
     inv_freq_.push_back(std::pow(double(hp.rope_base), -2.0 * double(i) / double(hp.n_rot)));
 
-  const size_t kv_elems = size_t(hp.n_layers) * hp.n_kv_heads * n_ctx * hp.head_dim;
+  size_t kv_elems = 0;
+  if (__builtin_mul_overflow(size_t(hp.n_layers) * size_t(hp.n_kv_heads), size_t(hp.head_dim),
+                             &kv_elems) ||
+      __builtin_mul_overflow(kv_elems, size_t(n_ctx), &kv_elems))
+    throw std::invalid_argument("n_ctx: KV cache size overflows");
   const size_t kv_elem_bytes = kv_f16 ? 2 : 4;
   kv_k_ = Buffer(kv_elems * kv_elem_bytes);
   kv_v_ = Buffer(kv_elems * kv_elem_bytes);
@@ -154,9 +165,8 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
   }
   // Split every job's rows into chunks of 16 rows (a 64-byte line of float outputs).
   constexpr int64_t kRowsPerTask = 16;
-  struct Chunk { const MatmulJob* job; int64_t r0; };
-  std::vector<Chunk> chunks;  // small; reserved below so no reallocation happens per call
-  chunks.reserve(64);
+  std::vector<Chunk>& chunks = chunks_;  // reused: no allocation per call once grown
+  chunks.clear();
   for (const auto& j : jobs)
     for (int64_t r = 0; r < j.w->rows; r += kRowsPerTask) chunks.push_back({&j, r});
   pool_.parallel_for(int64_t(chunks.size()), [&](int64_t c, int) {

@@ -86,7 +86,8 @@ class Model {
   static constexpr int64_t kMaxBatch = 512;  // tokens per internal batch; longer inputs loop
 
  private:
-  Matrix load_matrix(const std::map<std::string, TensorIn>& tensors, const std::string& name);
+  Matrix load_matrix(const std::map<std::string, TensorIn>& tensors, const std::string& name,
+                     int64_t rows, int64_t cols);
   void forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
                      float* logits);
   struct MatmulJob {
@@ -130,6 +131,11 @@ class Model {
   std::vector<float> up_;    // (batch, ffn_dim)
   Buffer act_q8_0_;          // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
   Buffer act_q8_1_;          // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
+  struct Chunk {  // a 16-row slice of one matmul job: the unit of work of matmuls()
+    const MatmulJob* job;
+    int64_t r0;
+  };
+  std::vector<Chunk> chunks_;
   std::vector<float> scores_;  // (n_threads, n_heads / n_kv_heads, n_ctx) attention scratch
 };
 

@@ -102,3 +102,8 @@ def test_read_bandwidth_probe_reads_and_refuses_bad_arguments(isa: str) -> None:
     assert np.isfinite(gbps) and gbps > 0
     with pytest.raises(ValueError, match="nbytes"):
         _core.read_bandwidth(1024, 1, 1, isa)
+
+
+def test_quantize_refuses_absurd_thread_counts() -> None:
+    with pytest.raises(ValueError, match="n_threads"):
+        _core.quantize(np.zeros((2, 32), np.float32), int(T.Q8_0), 100000)

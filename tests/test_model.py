@@ -142,3 +142,15 @@ def test_bad_constructor_arguments(tmp_path: Path) -> None:
                         ({"kv_type": "q8"}, "kv_type")]:
         with pytest.raises(ValueError, match=msg):
             alpaca_cpu.Model(path, **kwargs)
+
+
+def test_native_core_refuses_shapes_that_disagree_with_the_hyperparameters(tmp_path: Path) -> None:
+    """The second line of defence: _core.Model checks shapes even if Python did not."""
+    from alpaca_cpu import _core
+    from alpaca_cpu.gguf_file import open_model_file
+
+    mf = open_model_file(write_tiny_model(tmp_path / "m.gguf", TinySpec()))
+    tensors = {n: (int(t.type), t.rows, t.cols, t.data) for n, t in mf.tensors.items()}
+    hparams = mf.config.to_hparams() | {"n_vocab": mf.config.n_vocab + 1}
+    with pytest.raises(ValueError, match="token_embd.weight has shape"):
+        _core.Model(hparams, tensors, 16, 1)

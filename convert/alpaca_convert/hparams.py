@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alpaca_cpu.config import ModelConfig
+from alpaca_cpu.gguf_file import expected_tensor_shapes
+
 from . import metadata as kv
 from .errors import ConvertError
 
@@ -54,27 +57,18 @@ class LlamaParams:
         return self
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """GGUF tensor name -> numpy shape (out_features, in_features), in the order we write."""
-        shapes: dict[str, tuple[int, ...]] = {
-            "token_embd.weight": (self.n_vocab, self.dim),
-            "output_norm.weight": (self.dim,),
-        }
-        if not self.tied_embeddings:
-            shapes["output.weight"] = (self.n_vocab, self.dim)
-        for i in range(self.n_layers):
-            p = f"blk.{i}."
-            shapes |= {
-                p + "attn_norm.weight": (self.dim,),
-                p + "attn_q.weight": (self.q_dim, self.dim),
-                p + "attn_k.weight": (self.kv_dim, self.dim),
-                p + "attn_v.weight": (self.kv_dim, self.dim),
-                p + "attn_output.weight": (self.dim, self.q_dim),
-                p + "ffn_norm.weight": (self.dim,),
-                p + "ffn_gate.weight": (self.ffn_dim, self.dim),
-                p + "ffn_up.weight": (self.ffn_dim, self.dim),
-                p + "ffn_down.weight": (self.dim, self.ffn_dim),
-            }
-        return shapes
+        """GGUF tensor name -> numpy shape (out_features, in_features), in the order we write.
+
+        The engine's own table (GGUF order, contiguous length first), reversed: one source of
+        truth for what a llama file holds.
+        """
+        config = ModelConfig(
+            n_vocab=self.n_vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, ffn_dim=self.ffn_dim,
+            n_rot=self.head_dim, rope_base=self.rope_base, rms_eps=self.rms_eps,
+            context_length=self.context_length, tied_embeddings=self.tied_embeddings)
+        return {name: tuple(reversed(shape))
+                for name, shape in expected_tensor_shapes(config).items()}
 
     def n_params(self) -> int:
         total = 0

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <vector>
 #include <stdexcept>
 #include <string_view>
 #include <thread>
@@ -98,8 +99,8 @@ static FloatArray dequantize(const ByteArray& x, int type, int64_t cols, const s
   return out;
 }
 
-// out[t, r] = dot(w row r, act row t) with the ISA's GEMM kernel; w and act already in the
-// kernel's pairing formats (see KernelTable::gemm).
+// out[t, r] = dot(w row r, act row t) with the ISA's GEMM kernel; w (GGML rows, packed here
+// for the ISA as the model does at load) and act already in the pairing formats.
 static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int64_t cols,
                        const std::string& isa) {
   const GgmlType t = to_type(wtype);
@@ -113,8 +114,11 @@ static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int6
     throw std::invalid_argument("gemm: row sizes do not match the types and cols");
   const int64_t n_rows = w.shape(0), n_tok = act.shape(0);
   FloatArray out({n_tok, n_rows});
-  table(isa)->gemm(t, cols, w.data(), w.shape(1), n_rows, act.data(), act.shape(1) * act.itemsize(),
-                   n_tok, out.mutable_data(), n_rows);
+  const KernelTable* k = table(isa);
+  std::vector<uint8_t> packed(k->packed_bytes(t, n_rows, cols));
+  k->pack(t, w.data(), n_rows, cols, packed.data());
+  k->gemm(t, cols, packed.data(), w.shape(1), n_rows, act.data(), act.shape(1) * act.itemsize(),
+          n_tok, out.mutable_data(), n_rows);
   return out;
 }
 

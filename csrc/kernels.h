@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "ggml_types.h"
+#include "weight_layout.h"
 
 namespace alpaca {
 
@@ -40,9 +41,18 @@ struct KernelTable {
   float (*dot_f16_f32)(int64_t n, const fp16_t* w, const float* a);
   float (*dot_f32_f32)(int64_t n, const float* w, const float* a);
 
+  // --- weight layout (weight_layout.h): matrices are repacked once at load for this table ---
+  // Bytes of a packed rows x cols matrix; pack GGML rows (src) into it; one packed row back to
+  // a GGML row.
+  size_t (*packed_bytes)(GgmlType t, int64_t rows, int64_t cols);
+  void (*pack)(GgmlType t, const void* src, int64_t rows, int64_t cols, void* dst);
+  void (*unpack_row)(GgmlType t, const void* packed, int64_t cols, int64_t row, void* dst);
+
   // --- matrix products on a tile: out[t * out_stride + r] = dot(w row r, act row t)
-  //     for r < n_rows, t < n_tok. w and act are already in the pairing formats above
-  //     (q4_0/q8_0, q4_1/q8_1, q8_0/q8_0, f16/f32, f32/f32); act rows are act_stride bytes apart.
+  //     for r < n_rows, t < n_tok. w is this table's packed matrix (see pack) from a row that
+  //     is a multiple of kPanelRows, w_stride its GGML row bytes; act is already in the
+  //     pairing format (q4_0/q8_0, q4_1/q8_1, q8_0/q8_0, f16/f32, f32/f32), rows act_stride
+  //     bytes apart.
   void (*gemm)(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
                const void* act, size_t act_stride, int64_t n_tok, float* out, int64_t out_stride);
 

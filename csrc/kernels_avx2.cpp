@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -190,140 +191,164 @@ static void axpy_f16(int64_t n, float a, const fp16_t* x, float* y) {
 
 #include "kernels_generic.inc"
 
-// ---- tiled GEMM: R weight rows x C tokens per pass, R*C independent accumulators ----------
-// One accumulator per (row, token) would serialise on FMA latency; R*C chains keep the FMA
-// units busy, each unpacked weight block serves C tokens and each activation block R rows.
+// ---- GEMM on Panel8 weights (weight_layout.h): 8 rows x C tokens per pass ----------------
+// Each 32-byte load of a panel holds 4 consecutive weights of each of the 8 rows; multiplied
+// by the same 4 activations broadcast to every lane, the integer dot product's 8 lanes are the
+// 8 rows. A block's products stay in int16 lanes (no overflow: see each kernel) and are widened
+// once per block, so per block and token the float work is one conversion and one FMA for 8
+// rows, with the 8 row scales converted by one F16C instruction.
 
-template <int R, int C>
-static void tile_q4_1(int64_t nb, const uint8_t* w, size_t w_stride, const uint8_t* act,
-                      size_t act_stride, float* out, int64_t out_stride) {
-  __m256 acc[R][C];
-  float accm[R][C];
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < C; c++) { acc[r][c] = _mm256_setzero_ps(); accm[r][c] = 0.0f; }
+static inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// The C x 8 results to out (rows beyond nr belong to the panel's zero padding).
+template <int C>
+static inline void store_panel(const __m256* acc, float* out, int64_t out_stride, int nr) {
+  for (int c = 0; c < C; c++) {
+    if (nr == kPanelRows) {
+      _mm256_storeu_ps(out + c * out_stride, acc[c]);
+    } else {
+      alignas(32) float tmp[kPanelRows];
+      _mm256_store_ps(tmp, acc[c]);
+      std::memcpy(out + c * out_stride, tmp, size_t(nr) * sizeof(float));
+    }
+  }
+}
+
+// Q4_1 weights (unsigned nibbles q, x = d*q + m) with Q8_1 activations:
+// dot = d_w*d_a*sum(q*a) + m_w*s_a. int16 lanes: 16 products of q <= 15 and |a| <= 128 each,
+// at most 30720.
+template <int C>
+static void panel_q4_1(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q4_1);
+  const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    __m256i qa[C];
-    float da[C], sa[C];
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    _mm_prefetch(reinterpret_cast<const char*>(pb + 8 * kBlock), _MM_HINT_T0);
+    const block_q8_1* ab[C];
+    __m256i isum[C];
     for (int c = 0; c < C; c++) {
-      const auto* ab = reinterpret_cast<const block_q8_1*>(act + c * act_stride) + b;
-      qa[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab->qs));
-      da[c] = fp16_scalar(ab->d);
-      sa[c] = fp16_scalar(ab->s);
+      ab[c] = reinterpret_cast<const block_q8_1*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
     }
-    for (int r = 0; r < R; r++) {
-      const auto* wb = reinterpret_cast<const block_q4_1*>(w + r * w_stride) + b;
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 12), _MM_HINT_T0);
-      const __m256i qw = unpack_nibbles(wb->qs);
-      const float dw = fp16_scalar(wb->d), mw = fp16_scalar(wb->m);
+    for (int j = 0; j < 4; j++) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 32 + 32 * j));
+      const __m256i lo = _mm256_and_si256(v, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       for (int c = 0; c < C; c++) {
-        const __m256 p = _mm256_cvtepi32_ps(dot_u8_i8(qw, qa[c]));
-        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da[c]), p, acc[r][c]);
-        accm[r][c] += mw * sa[c];
+        isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(lo, bcast4(ab[c]->qs + 4 * j)));
+        isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
       }
     }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 16)));
+    for (int c = 0; c < C; c++) {
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[c], ones));
+      // The same operations in the same order for any C: a token's result does not depend on
+      // how many tokens share the pass (prefill equals token-by-token decode).
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))), dot, acc[c]);
+      acc[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(fp16_scalar(ab[c]->s)), acc[c]);
+    }
   }
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < C; c++) out[c * out_stride + r] = hsum(acc[r][c]) + accm[r][c];
+  store_panel<C>(acc, out, out_stride, nr);
 }
 
-// Q4_0 and Q8_0 weights with Q8_0 activations; Q4_0 nibbles are shifted to [-8, 7].
-template <int R, int C, bool kQ4>
-static void tile_q8(int64_t nb, const uint8_t* w, size_t w_stride, const uint8_t* act,
-                    size_t act_stride, float* out, int64_t out_stride) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+// Q4_0 (nibbles q, x = d*(q-8)) and Q8_0 weights with Q8_0 activations. maddubs multiplies
+// unsigned by signed bytes, so |w| meets a with w's sign moved onto it. Q4_0 int16 lanes: 16
+// products of |q-8| <= 8 and |a| <= 128, at most 16384; Q8_0 products (up to 127*128) are
+// widened every pair instead.
+template <int C, bool kQ4>
+static void panel_q8(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                     float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * (kQ4 ? sizeof(block_q4_0) : sizeof(block_q8_0));
+  const __m256i low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    __m256i qa[C];
-    float da[C];
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    _mm_prefetch(reinterpret_cast<const char*>(pb + 8 * kBlock), _MM_HINT_T0);
+    const block_q8_0* ab[C];
+    __m256i isum[C];
     for (int c = 0; c < C; c++) {
-      const auto* ab = reinterpret_cast<const block_q8_0*>(act + c * act_stride) + b;
-      qa[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab->qs));
-      da[c] = fp16_scalar(ab->d);
+      ab[c] = reinterpret_cast<const block_q8_0*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
     }
-    for (int r = 0; r < R; r++) {
-      __m256i qw;
-      float dw;
-      if constexpr (kQ4) {
-        const auto* wb = reinterpret_cast<const block_q4_0*>(w + r * w_stride) + b;
-        _mm_prefetch(reinterpret_cast<const char*>(wb + 12), _MM_HINT_T0);
-        qw = _mm256_sub_epi8(unpack_nibbles(wb->qs), _mm256_set1_epi8(8));
-        dw = fp16_scalar(wb->d);
-      } else {
-        const auto* wb = reinterpret_cast<const block_q8_0*>(w + r * w_stride) + b;
-        // R rows are R streams through memory; prefetch ahead so large matrices (the output
-        // layer) are read at memory speed rather than at the prefetchers' pace.
-        _mm_prefetch(reinterpret_cast<const char*>(wb + 8), _MM_HINT_T0);
-        qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qs));
-        dw = fp16_scalar(wb->d);
+    const uint8_t* q = pb + 2 * kPanelRows;
+    if constexpr (kQ4) {
+      for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
+        const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, low4), eight);
+        const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), eight);
+        const __m256i alo = _mm256_sign_epi8(lo, lo), ahi = _mm256_sign_epi8(hi, hi);
+        for (int c = 0; c < C; c++) {
+          const __m256i xl = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), lo);
+          const __m256i xh = _mm256_sign_epi8(bcast4(ab[c]->qs + 16 + 4 * j), hi);
+          isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(alo, xl));
+          isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(ahi, xh));
+        }
       }
-      // |w| once per row; the sign of w moves onto each token's activations.
-      const __m256i aw = _mm256_sign_epi8(qw, qw);
-      for (int c = 0; c < C; c++) {
-        const __m256 p = _mm256_cvtepi32_ps(dot_u8_i8(aw, _mm256_sign_epi8(qa[c], qw)));
-        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da[c]), p, acc[r][c]);
+      for (int c = 0; c < C; c++) isum[c] = _mm256_madd_epi16(isum[c], ones);
+    } else {
+      for (int j = 0; j < 8; j++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
+        const __m256i av = _mm256_sign_epi8(v, v);
+        for (int c = 0; c < C; c++) {
+          const __m256i x = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), v);
+          isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
+        }
       }
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    for (int c = 0; c < C; c++) {
+      const __m256 dot = _mm256_cvtepi32_ps(isum[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))), dot, acc[c]);
     }
   }
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < C; c++) out[c * out_stride + r] = hsum(acc[r][c]);
+  store_panel<C>(acc, out, out_stride, nr);
 }
 
-using TileFn = void (*)(int64_t, const uint8_t*, size_t, const uint8_t*, size_t, float*, int64_t);
+using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, float*, int64_t, int);
 
-// Covers n_rows x n_tok with 4x2 tiles (4x1 for a single token) and smaller ones at the edges.
-template <template <int, int> class Tiles>
-static void gemm_tiled(int64_t nb, const uint8_t* w, size_t w_stride, int64_t n_rows,
-                       const uint8_t* act, size_t act_stride, int64_t n_tok, float* out,
-                       int64_t out_stride) {
-  constexpr int RM = 4, CN = 2;
-  for (int64_t r = 0; r < n_rows; r += RM) {
-    const int64_t nr = std::min<int64_t>(RM, n_rows - r);
-    const uint8_t* wr = w + r * w_stride;
-    for (int64_t t = 0; t < n_tok; t += CN) {
-      const int64_t nt = std::min<int64_t>(CN, n_tok - t);
-      const TileFn fn = Tiles<0, 0>::pick(int(nr), int(nt));
-      fn(nb, wr, w_stride, act + t * act_stride, act_stride, out + t * out_stride + r, out_stride);
+// Panels outer (a panel's weights stay in cache), tokens inner in groups of 4 (each unpacked
+// weight vector serves 4 tokens), then the 1-3 left.
+static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size_t w_stride,
+                        int64_t n_rows, const uint8_t* act, size_t act_stride, int64_t n_tok,
+                        float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < n_rows; r += kPanelRows) {
+    const int nr = int(std::min<int64_t>(kPanelRows, n_rows - r));
+    const uint8_t* wp = w + size_t(r) * w_stride;
+    for (int64_t t = 0; t < n_tok; t += 4) {
+      const int nt = int(std::min<int64_t>(4, n_tok - t));
+      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, out + t * out_stride + r, out_stride, nr);
     }
   }
 }
-
-template <int, int>
-struct TilesQ4_1 {
-  static TileFn pick(int nr, int nt) {
-    static const TileFn fns[4][2] = {{tile_q4_1<1, 1>, tile_q4_1<1, 2>}, {tile_q4_1<2, 1>, tile_q4_1<2, 2>},
-                                     {tile_q4_1<3, 1>, tile_q4_1<3, 2>}, {tile_q4_1<4, 1>, tile_q4_1<4, 2>}};
-    return fns[nr - 1][nt - 1];
-  }
-};
-
-template <bool kQ4>
-struct TilesQ8Of {
-  template <int, int>
-  struct T {
-    static TileFn pick(int nr, int nt) {
-      static const TileFn fns[4][2] = {{tile_q8<1, 1, kQ4>, tile_q8<1, 2, kQ4>},
-                                       {tile_q8<2, 1, kQ4>, tile_q8<2, 2, kQ4>},
-                                       {tile_q8<3, 1, kQ4>, tile_q8<3, 2, kQ4>},
-                                       {tile_q8<4, 1, kQ4>, tile_q8<4, 2, kQ4>}};
-      return fns[nr - 1][nt - 1];
-    }
-  };
-};
 
 static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
                       const void* act, size_t act_stride, int64_t n_tok, float* out,
                       int64_t out_stride) {
+  static const PanelFn q4_1[4] = {panel_q4_1<1>, panel_q4_1<2>, panel_q4_1<3>, panel_q4_1<4>};
+  static const PanelFn q4_0[4] = {panel_q8<1, true>, panel_q8<2, true>, panel_q8<3, true>,
+                                  panel_q8<4, true>};
+  static const PanelFn q8_0[4] = {panel_q8<1, false>, panel_q8<2, false>, panel_q8<3, false>,
+                                  panel_q8<4, false>};
   const auto* wb = static_cast<const uint8_t*>(w);
   const auto* ab = static_cast<const uint8_t*>(act);
   switch (wtype) {
     case GgmlType::Q4_1:
-      return gemm_tiled<TilesQ4_1>(n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+      return gemm_panels(q4_1, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
     case GgmlType::Q4_0:
-      return gemm_tiled<TilesQ8Of<true>::T>(n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+      return gemm_panels(q4_0, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
     case GgmlType::Q8_0:
-      return gemm_tiled<TilesQ8Of<false>::T>(n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
-    default:
+      return gemm_panels(q8_0, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+    default:  // F16 / F32: GGML rows
       return gemm(wtype, n, w, w_stride, n_rows, act, act_stride, n_tok, out, out_stride);
   }
 }
@@ -340,6 +365,9 @@ static KernelTable make_table() {
   t.dot_q8_0_q8_0 = dot_q8_0_q8_0;
   t.dot_f16_f32 = dot_f16_f32;
   t.dot_f32_f32 = dot_f32_f32;
+  t.packed_bytes = panel8_packed_bytes;
+  t.pack = panel8_pack;
+  t.unpack_row = panel8_unpack_row;
   t.gemm = gemm_simd;
   t.rmsnorm = rmsnorm;
   t.swiglu = swiglu;

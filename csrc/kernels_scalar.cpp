@@ -164,6 +164,7 @@ static const KernelTable table = {
     dequantize_row_q4_0, dequantize_row_q4_1, dequantize_row_q8_0,
     fp16_to_fp32_row, fp32_to_fp16_row,
     dot_q4_0_q8_0, dot_q4_1_q8_1, dot_q8_0_q8_0, dot_f16_f32, dot_f32_f32,
+    ggml_packed_bytes, ggml_pack, ggml_unpack_row,
     gemm, rmsnorm, swiglu, axpy_f16, read_bytes,
 };
 

@@ -71,8 +71,9 @@ Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
   size_t total = 0;
   if (t.rows < 0 || __builtin_mul_overflow(m.stride, size_t(t.rows), &total) || total != t.nbytes)
     throw std::invalid_argument("tensor " + name + ": byte size does not match its shape");
-  m.data = Buffer(t.nbytes);
-  std::memcpy(m.data.data(), t.data, t.nbytes);
+  // Repacked into the kernel table's layout (weight_layout.h): same bytes per row.
+  m.data = Buffer(k_->packed_bytes(t.type, t.rows, t.cols));
+  k_->pack(t.type, t.data, t.rows, t.cols, m.data.data());
   release_source_pages(t.data, t.nbytes);
   weight_bytes_ += t.nbytes;
   return m;
@@ -83,6 +84,7 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
     : hp_(hp), n_ctx_(n_ctx), kv_f16_(kv_f16), k_(kernels), pool_(n_threads) {
   if (n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1");
   token_embd = load_matrix(tensors, "token_embd.weight", hp.n_vocab, hp.dim);
+  embd_row_.resize(token_embd.stride);
   output_norm = load_vector(tensors, "output_norm.weight", hp.dim);
   if (tensors.count("output.weight")) output = load_matrix(tensors, "output.weight", hp.n_vocab, hp.dim);
   for (int64_t l = 0; l < hp.n_layers; l++) {
@@ -130,8 +132,9 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   scores_.resize(size_t(pool_.size()) * (hp.n_heads / hp.n_kv_heads) * n_ctx);
 }
 
-void Model::embed(int32_t token, float* out) const {
-  const uint8_t* row = token_embd.data.data() + size_t(token) * token_embd.stride;
+void Model::embed(int32_t token, float* out) {
+  uint8_t* row = embd_row_.data();
+  k_->unpack_row(token_embd.type, token_embd.data.data(), hp_.dim, token, row);
   switch (token_embd.type) {
     case GgmlType::F32: std::memcpy(out, row, hp_.dim * 4); break;
     case GgmlType::F16: k_->fp16_to_fp32_row(reinterpret_cast<const fp16_t*>(row), out, hp_.dim); break;

@@ -42,7 +42,8 @@ class Buffer {
   size_t size_ = 0;
 };
 
-// A weight matrix (rows, cols) in one GGML type, rows `stride` bytes apart.
+// A weight matrix (rows, cols) in one GGML type, packed for the model's kernel table
+// (weight_layout.h); `stride` is the bytes of one GGML row.
 struct Matrix {
   GgmlType type = GgmlType::F32;
   int64_t rows = 0, cols = 0;
@@ -100,7 +101,7 @@ class Model {
   void matmuls(const float* x, int64_t n_tok, int64_t x_stride, std::initializer_list<MatmulJob> jobs);
   void attention(int64_t layer, int64_t n, int64_t start_pos);
   void rope(float* v, int64_t n_heads_here, int64_t pos) const;
-  void embed(int32_t token, float* out) const;
+  void embed(int32_t token, float* out);
 
   HParams hp_;
   int64_t n_ctx_;
@@ -137,6 +138,7 @@ class Model {
   };
   std::vector<Chunk> chunks_;
   std::vector<float> scores_;  // (n_threads, n_heads / n_kv_heads, n_ctx) attention scratch
+  std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
 };
 
 }  // namespace alpaca

@@ -126,6 +126,17 @@ struct Rows {
   const uint8_t* row(int64_t r) const { return bytes.data() + size_t(r) * stride; }
 };
 
+// w's rows in table t's weight layout, as the model packs them at load (gemm reads these,
+// with the GGML row size as stride). Rows' own padding between rows is dropped first.
+std::vector<uint8_t> packed_for(const KernelTable& t, const Rows& w) {
+  const size_t rb = row_bytes(w.type, w.n);
+  std::vector<uint8_t> ggml(size_t(w.rows) * rb);
+  for (int64_t r = 0; r < w.rows; r++) std::memcpy(ggml.data() + size_t(r) * rb, w.row(r), rb);
+  std::vector<uint8_t> p(t.packed_bytes(w.type, w.rows, w.n));
+  t.pack(w.type, ggml.data(), w.rows, w.n, p.data());
+  return p;
+}
+
 // Decode one stored row to doubles, from the layout alone (independent of any kernel table).
 void decode_row(GgmlType t, const uint8_t* src, int64_t n, double* out) {
   for (int64_t b = 0; b < (is_block_type(t) ? n / QK : 0); b++) {
@@ -475,7 +486,8 @@ void test_exact(const KernelTable& t) {
       const float got = table_dot(t, wt, n, w.row(0), a.row(0));
       if (double(got) != want) err = fmt("dot: want %.1f, got %.9g", want, got);
       std::vector<float> out(3 * 5);
-      t.gemm(wt, n, w.bytes.data(), w.stride, 5, a.bytes.data(), a.stride, 3, out.data(), 5);
+      t.gemm(wt, n, packed_for(t, w).data(), row_bytes(wt, n), 5, a.bytes.data(), a.stride, 3,
+             out.data(), 5);
       for (int64_t tok = 0; tok < 3 && err.empty(); tok++) {
         for (int64_t r = 0; r < 5 && err.empty(); r++) {
           const double e = exact_dot(w, r, a, tok);
@@ -502,9 +514,10 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
       const int64_t out_stride = sh.rows + 3;  // padding columns must stay untouched
       const float sentinel = from_bits(0x7fc0dead);
       std::vector<float> os(size_t(sh.n_tok * out_stride), sentinel), ot = os;
-      s.gemm(wt, sh.n, w.bytes.data(), w.stride, sh.rows, a.bytes.data(), a.stride, sh.n_tok,
+      const size_t rb = row_bytes(wt, sh.n);
+      s.gemm(wt, sh.n, packed_for(s, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sh.n_tok,
              os.data(), out_stride);
-      t.gemm(wt, sh.n, w.bytes.data(), w.stride, sh.rows, a.bytes.data(), a.stride, sh.n_tok,
+      t.gemm(wt, sh.n, packed_for(t, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sh.n_tok,
              ot.data(), out_stride);
       std::string err;
       for (int64_t tok = 0; tok < sh.n_tok && err.empty(); tok++) {
@@ -597,6 +610,25 @@ void test_dispatch(const std::vector<std::string>& isas, const std::string& expe
   }
 }
 
+// Packing is lossless: every row unpacks to its GGML bytes, on every table and type.
+void test_layout(const KernelTable& t) {
+  const std::string isa = t.name;
+  for (GgmlType wt : kWeightTypes) {
+    for (int64_t rows : {1, 7, 8, 13, 24}) {
+      const Rows w = random_rows(wt, rows, 96, uint32_t(rows) * 31 + 5);
+      const std::vector<uint8_t> p = packed_for(t, w);
+      const size_t rb = row_bytes(wt, w.n);
+      std::vector<uint8_t> back(rb);
+      std::string err;
+      for (int64_t r = 0; r < rows && err.empty(); r++) {
+        t.unpack_row(wt, p.data(), w.n, r, back.data());
+        if (std::memcmp(back.data(), w.row(r), rb) != 0) err = fmt("row %lld differs", (long long)r);
+      }
+      record(isa + fmt(" pack/unpack_row %s rows=%lld", type_name(wt), (long long)rows), err);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -618,6 +650,7 @@ int main(int argc, char** argv) {
     const KernelTable& t = *kernels_for(name);
     const int before = g_passed + g_failed;
     test_exact(t);  // scalar included: exact results need no twin
+    test_layout(t);
     if (name != "scalar") {
       test_quantizers(s, t);
       test_fp16(s, t);

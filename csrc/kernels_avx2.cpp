@@ -204,6 +204,17 @@ static inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// Every cache line of the block that comes kPrefetchBytes later: a panel is one sequential
+// stream, and requesting it that far ahead keeps enough lines in flight to cover DRAM latency.
+// (One line per block instead of all of them: 1-thread decode 20-25 % slower; 1 KiB to 4 KiB
+// ahead measured alike, within this machine's noise.)
+template <size_t kBlock>
+static inline void prefetch_ahead(const uint8_t* pb) {
+  constexpr size_t kPrefetchBytes = 1024;
+  for (size_t off = 0; off < kBlock; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(pb + kPrefetchBytes + off), _MM_HINT_T0);
+}
+
 // The C x 8 results to out (rows beyond nr belong to the panel's zero padding).
 template <int C>
 static inline void store_panel(const __m256* acc, float* out, int64_t out_stride, int nr) {
@@ -230,7 +241,7 @@ static void panel_q4_1(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* pb = w + size_t(b) * kBlock;
-    _mm_prefetch(reinterpret_cast<const char*>(pb + 8 * kBlock), _MM_HINT_T0);
+    prefetch_ahead<kBlock>(pb);
     const block_q8_1* ab[C];
     __m256i isum[C];
     for (int c = 0; c < C; c++) {
@@ -273,7 +284,7 @@ static void panel_q8(int64_t nb, const uint8_t* w, const uint8_t* act, size_t ac
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* pb = w + size_t(b) * kBlock;
-    _mm_prefetch(reinterpret_cast<const char*>(pb + 8 * kBlock), _MM_HINT_T0);
+    prefetch_ahead<kBlock>(pb);
     const block_q8_0* ab[C];
     __m256i isum[C];
     for (int c = 0; c < C; c++) {

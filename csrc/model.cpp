@@ -166,16 +166,22 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
                               reinterpret_cast<block_q8_1*>(act_q8_1_.data() + t * q8_1_stride), cols);
     });
   }
-  // Split every job's rows into chunks of 16 rows (a 64-byte line of float outputs).
-  constexpr int64_t kRowsPerTask = 16;
+  // Split every job's rows into about kChunksPerThread chunks per thread, each a multiple of
+  // 16 rows (a 64-byte line of float outputs, whole weight panels). Few large chunks keep
+  // each thread's weight reads one long sequential stream (prefetchers ramp up once per
+  // chunk); several per thread still let a thread that runs ahead take over the rest.
+  constexpr int64_t kRowAlign = 16, kChunksPerThread = 4;
   std::vector<Chunk>& chunks = chunks_;  // reused: no allocation per call once grown
   chunks.clear();
-  for (const auto& j : jobs)
-    for (int64_t r = 0; r < j.w->rows; r += kRowsPerTask) chunks.push_back({&j, r});
+  for (const auto& j : jobs) {
+    const int64_t per = (j.w->rows + kChunksPerThread * pool_.size() - 1) / (kChunksPerThread * pool_.size());
+    const int64_t rows = std::max(kRowAlign, (per + kRowAlign - 1) / kRowAlign * kRowAlign);
+    for (int64_t r = 0; r < j.w->rows; r += rows) chunks.push_back({&j, r, std::min(rows, j.w->rows - r)});
+  }
   pool_.parallel_for(int64_t(chunks.size()), [&](int64_t c, int) {
     const MatmulJob& j = *chunks[c].job;
     const Matrix& w = *j.w;
-    const int64_t r0 = chunks[c].r0, nr = std::min(kRowsPerTask, w.rows - r0);
+    const int64_t r0 = chunks[c].r0, nr = chunks[c].n_rows;
     const void* act;
     size_t act_stride;
     if (w.type == GgmlType::Q4_1) {

@@ -132,9 +132,9 @@ class Model {
   std::vector<float> up_;    // (batch, ffn_dim)
   Buffer act_q8_0_;          // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
   Buffer act_q8_1_;          // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
-  struct Chunk {  // a 16-row slice of one matmul job: the unit of work of matmuls()
+  struct Chunk {  // a slice of rows of one matmul job: the unit of work of matmuls()
     const MatmulJob* job;
-    int64_t r0;
+    int64_t r0, n_rows;
   };
   std::vector<Chunk> chunks_;
   std::vector<float> scores_;  // (n_threads, n_heads / n_kv_heads, n_ctx) attention scratch

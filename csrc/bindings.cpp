@@ -148,6 +148,26 @@ static FloatArray axpy_f16(float a, const py::array_t<uint16_t, py::array::c_sty
   return out;
 }
 
+// out[q] = sum_p w[q, p] * v[p] with the ISA's mix_rows; v as float16 bits (uint16) or float32.
+static FloatArray mix_rows(const py::array& v, const FloatArray& w, const std::string& isa) {
+  if (v.ndim() != 2 || w.ndim() != 2 || w.shape(1) != v.shape(0) ||
+      !(v.flags() & py::array::c_style))
+    throw std::invalid_argument("mix_rows: need v (n_pos, n) and w (n_q, n_pos), C-contiguous");
+  GgmlType vt;
+  if (py::isinstance<py::array_t<uint16_t>>(v)) {
+    vt = GgmlType::F16;
+  } else if (py::isinstance<py::array_t<float>>(v)) {
+    vt = GgmlType::F32;
+  } else {
+    throw std::invalid_argument("mix_rows: v must be uint16 (float16 bits) or float32");
+  }
+  const int64_t n_pos = v.shape(0), n = v.shape(1), n_q = w.shape(0);
+  FloatArray out({n_q, n});
+  table(isa)->mix_rows(vt, n, v.data(), size_t(n) * v.itemsize(), n_pos, w.data(), n_pos, n_q,
+                       out.mutable_data(), n);
+  return out;
+}
+
 // Memory read bandwidth in GB/s: the best of `reps` passes of n_threads threads each reading
 // its slice of an nbytes buffer (much larger than the caches) with the ISA's widest loads.
 static double read_bandwidth(int64_t nbytes, int n_threads, int reps, const std::string& isa) {
@@ -262,6 +282,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("read_bandwidth", &read_bandwidth, py::arg("nbytes"), py::arg("n_threads"),
         py::arg("reps") = 5, py::arg("isa") = "");
   m.def("axpy_f16", &axpy_f16, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("isa") = "");
+  m.def("mix_rows", &mix_rows, py::arg("v"), py::arg("w"), py::arg("isa") = "");
 
   py::class_<PyModel>(m, "Model")
       .def(py::init<const py::dict&, const py::dict&, int64_t, int, bool>(), py::arg("hparams"),

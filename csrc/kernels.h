@@ -56,6 +56,11 @@ struct KernelTable {
   void (*gemm)(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
                const void* act, size_t act_stride, int64_t n_tok, float* out, int64_t out_stride);
 
+  // --- attention's second product: out[q * out_stride + i] = sum_p w[q * w_stride + p] * v_p[i]
+  //     for q < n_q, i < n, p < n_pos; rows v_p (F16 or F32: vtype) v_stride bytes apart ---
+  void (*mix_rows)(GgmlType vtype, int64_t n, const void* v, size_t v_stride, int64_t n_pos,
+                   const float* w, int64_t w_stride, int64_t n_q, float* out, int64_t out_stride);
+
   // --- elementwise ---
   // y = x / sqrt(mean(x^2) + eps) * weight
   void (*rmsnorm)(const float* x, const float* weight, float* y, int64_t n, float eps);

@@ -237,8 +237,8 @@ static void panel_q4_1(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
                        float* out, int64_t out_stride, int nr) {
   constexpr size_t kBlock = kPanelRows * sizeof(block_q4_1);
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 acc[C];
-  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  __m256 acc[C], accm[C];
+  for (int c = 0; c < C; c++) acc[c] = accm[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* pb = w + size_t(b) * kBlock;
     prefetch_ahead<kBlock>(pb);
@@ -264,9 +264,10 @@ static void panel_q4_1(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       // The same operations in the same order for any C: a token's result does not depend on
       // how many tokens share the pass (prefill equals token-by-token decode).
       acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))), dot, acc[c]);
-      acc[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(fp16_scalar(ab[c]->s)), acc[c]);
+      accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(fp16_scalar(ab[c]->s)), accm[c]);
     }
   }
+  for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], accm[c]);
   store_panel<C>(acc, out, out_stride, nr);
 }
 
@@ -342,6 +343,112 @@ static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size
   }
 }
 
+// ---- F16 / F32 weights with float activations (F16/F32 models, attention scores) ----------
+// R rows x C tokens per pass: each converted weight vector serves C tokens and each activation
+// vector R rows, with R*C independent FMA chains.
+template <int R, int C, bool kF16>
+static void tile_float(int64_t n, const uint8_t* w, size_t w_stride, const uint8_t* act,
+                       size_t act_stride, float* out, int64_t out_stride) {
+  auto wrow = [&](int r) { return w + size_t(r) * w_stride; };
+  auto arow = [&](int c) { return reinterpret_cast<const float*>(act + size_t(c) * act_stride); };
+  __m256 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 a[C];
+    for (int c = 0; c < C; c++) a[c] = _mm256_loadu_ps(arow(c) + i);
+    for (int r = 0; r < R; r++) {
+      const __m256 wv =
+          kF16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                     reinterpret_cast<const fp16_t*>(wrow(r)) + i)))
+               : _mm256_loadu_ps(reinterpret_cast<const float*>(wrow(r)) + i);
+      for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, a[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      float v = hsum(acc[r][c]);
+      for (int64_t j = i; j < n; j++) {
+        const float wj = kF16 ? fp16_scalar(reinterpret_cast<const fp16_t*>(wrow(r))[j])
+                              : reinterpret_cast<const float*>(wrow(r))[j];
+        v += wj * arow(c)[j];
+      }
+      out[c * out_stride + r] = v;
+    }
+  }
+}
+
+using FloatTileFn = void (*)(int64_t, const uint8_t*, size_t, const uint8_t*, size_t, float*, int64_t);
+
+template <bool kF16>
+static void gemm_float(int64_t n, const uint8_t* w, size_t w_stride, int64_t n_rows,
+                       const uint8_t* act, size_t act_stride, int64_t n_tok, float* out,
+                       int64_t out_stride) {
+  constexpr int RM = 4, CN = 3;
+  static const FloatTileFn fns[RM][CN] = {
+      {tile_float<1, 1, kF16>, tile_float<1, 2, kF16>, tile_float<1, 3, kF16>},
+      {tile_float<2, 1, kF16>, tile_float<2, 2, kF16>, tile_float<2, 3, kF16>},
+      {tile_float<3, 1, kF16>, tile_float<3, 2, kF16>, tile_float<3, 3, kF16>},
+      {tile_float<4, 1, kF16>, tile_float<4, 2, kF16>, tile_float<4, 3, kF16>}};
+  for (int64_t r = 0; r < n_rows; r += RM) {
+    const int nr = int(std::min<int64_t>(RM, n_rows - r));
+    for (int64_t t = 0; t < n_tok; t += CN) {
+      const int nt = int(std::min<int64_t>(CN, n_tok - t));
+      fns[nr - 1][nt - 1](n, w + size_t(r) * w_stride, w_stride, act + size_t(t) * act_stride,
+                          act_stride, out + t * out_stride + r, out_stride);
+    }
+  }
+}
+
+// mix_rows for F16 rows: K vectors (8K columns) x C queries of accumulators; each converted
+// row vector serves the C queries.
+template <int K, int C>
+static void mix_tile_f16(int64_t n_pos, const uint8_t* v, size_t v_stride, const float* w,
+                         int64_t w_stride, float* out, int64_t out_stride) {
+  __m256 acc[C][K];
+  for (int c = 0; c < C; c++)
+    for (int k = 0; k < K; k++) acc[c][k] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < n_pos; p++) {
+    const auto* vp = reinterpret_cast<const fp16_t*>(v + size_t(p) * v_stride);
+    __m256 vv[K];
+    for (int k = 0; k < K; k++)
+      vv[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp + 8 * k)));
+    for (int c = 0; c < C; c++) {
+      const __m256 a = _mm256_broadcast_ss(w + c * w_stride + p);
+      for (int k = 0; k < K; k++) acc[c][k] = _mm256_fmadd_ps(a, vv[k], acc[c][k]);
+    }
+  }
+  for (int c = 0; c < C; c++)
+    for (int k = 0; k < K; k++) _mm256_storeu_ps(out + c * out_stride + 8 * k, acc[c][k]);
+}
+
+static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_stride, int64_t n_pos,
+                          const float* w, int64_t w_stride, int64_t n_q, float* out,
+                          int64_t out_stride) {
+  if (vtype != GgmlType::F16) return mix_rows(vtype, n, v, v_stride, n_pos, w, w_stride, n_q, out, out_stride);
+  using MixFn = void (*)(int64_t, const uint8_t*, size_t, const float*, int64_t, float*, int64_t);
+  static const MixFn wide[3] = {mix_tile_f16<4, 1>, mix_tile_f16<4, 2>, mix_tile_f16<4, 3>};
+  static const MixFn narrow[3] = {mix_tile_f16<1, 1>, mix_tile_f16<1, 2>, mix_tile_f16<1, 3>};
+  const auto* vb = static_cast<const uint8_t*>(v);
+  for (int64_t q = 0; q < n_q; q += 3) {
+    const int nq = int(std::min<int64_t>(3, n_q - q));
+    const float* wq = w + q * w_stride;
+    float* oq = out + q * out_stride;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) wide[nq - 1](n_pos, vb + 2 * i, v_stride, wq, w_stride, oq + i, out_stride);
+    for (; i + 8 <= n; i += 8) narrow[nq - 1](n_pos, vb + 2 * i, v_stride, wq, w_stride, oq + i, out_stride);
+    for (int c = 0; c < nq; c++) {  // columns left over (head sizes not a multiple of 8)
+      for (int64_t j = i; j < n; j++) {
+        float acc = 0.0f;
+        for (int64_t p = 0; p < n_pos; p++)
+          acc += wq[c * w_stride + p] * fp16_scalar(reinterpret_cast<const fp16_t*>(vb + size_t(p) * v_stride)[j]);
+        oq[c * out_stride + j] = acc;
+      }
+    }
+  }
+}
+
 static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
                       const void* act, size_t act_stride, int64_t n_tok, float* out,
                       int64_t out_stride) {
@@ -359,7 +466,11 @@ static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride,
       return gemm_panels(q4_0, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
     case GgmlType::Q8_0:
       return gemm_panels(q8_0, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
-    default:  // F16 / F32: GGML rows
+    case GgmlType::F16:
+      return gemm_float<true>(n, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+    case GgmlType::F32:
+      return gemm_float<false>(n, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+    default:
       return gemm(wtype, n, w, w_stride, n_rows, act, act_stride, n_tok, out, out_stride);
   }
 }
@@ -380,6 +491,7 @@ static KernelTable make_table() {
   t.pack = panel8_pack;
   t.unpack_row = panel8_unpack_row;
   t.gemm = gemm_simd;
+  t.mix_rows = mix_rows_simd;
   t.rmsnorm = rmsnorm;
   t.swiglu = swiglu;
   t.axpy_f16 = axpy_f16;

@@ -81,15 +81,6 @@ static void fp32_to_fp16_row(const float* x, fp16_t* y, int64_t k) {
   for (; i < k; i++) y[i] = float_to_half(x[i]);
 }
 
-static void axpy_f16(int64_t n, float a, const fp16_t* x, float* y) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), load_half_lo(x + i), a));
-    vst1q_f32(y + i + 4, vfmaq_n_f32(vld1q_f32(y + i + 4), load_half_hi(x + i), a));
-  }
-  for (; i < n; i++) y[i] += a * half_to_float(x[i]);
-}
-
 #include "kernels_generic.inc"
 
 static KernelTable make_table() {
@@ -105,6 +96,7 @@ static KernelTable make_table() {
   t.dot_f16_f32 = dot_f16_f32;
   t.dot_f32_f32 = dot_f32_f32;
   t.gemm = gemm;
+  t.mix_rows = mix_rows;
   t.rmsnorm = rmsnorm;
   t.swiglu = swiglu;
   t.axpy_f16 = axpy_f16;

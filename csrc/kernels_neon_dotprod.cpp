@@ -28,6 +28,7 @@ static KernelTable make_table() {
   t.dot_f16_f32 = dot_f16_f32;
   t.dot_f32_f32 = dot_f32_f32;
   t.gemm = gemm;  // the generic gemm of this file calls the SDOT dot products
+  t.mix_rows = mix_rows;
   t.rmsnorm = rmsnorm;
   t.swiglu = swiglu;
   return t;

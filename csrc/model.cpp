@@ -79,6 +79,14 @@ Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
   return m;
 }
 
+// Queries handled together by one attention task: the query heads of one KV head for a few
+// consecutive tokens, so each K and V row is converted once for all of them.
+static constexpr int64_t kQueriesPerTask = 32;
+
+static int64_t tokens_per_attention_task(int64_t group) {
+  return std::max<int64_t>(1, kQueriesPerTask / group);
+}
+
 Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
              int n_threads, bool kv_f16, const KernelTable* kernels)
     : hp_(hp), n_ctx_(n_ctx), kv_f16_(kv_f16), k_(kernels), pool_(n_threads) {
@@ -129,7 +137,10 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   const int64_t widest = std::max({hp.dim, hp.ffn_dim, q_dim});
   act_q8_0_ = Buffer(B * row_bytes(GgmlType::Q8_0, widest));
   act_q8_1_ = Buffer(B * row_bytes(GgmlType::Q8_1, widest));
-  scores_.resize(size_t(pool_.size()) * (hp.n_heads / hp.n_kv_heads) * n_ctx);
+  const int64_t max_q = tokens_per_attention_task(hp.n_heads / hp.n_kv_heads) * (hp.n_heads / hp.n_kv_heads);
+  scores_.resize(size_t(pool_.size()) * max_q * n_ctx);
+  attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
+  attn_o_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
 }
 
 void Model::embed(int32_t token, float* out) {
@@ -214,58 +225,68 @@ void Model::rope(float* v, int64_t n_heads_here, int64_t pos) const {
   }
 }
 
+void Model::round_to_f16(float* x, int64_t n) const {
+  fp16_t tmp[256];
+  for (int64_t i = 0; i < n; i += 256) {
+    const int64_t m = std::min<int64_t>(256, n - i);
+    k_->fp32_to_fp16_row(x + i, tmp, m);
+    k_->fp16_to_fp32_row(tmp, x + i, m);
+  }
+}
+
 void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
   const int64_t hd = hp_.head_dim, group = hp_.n_heads / hp_.n_kv_heads;
   const int64_t q_dim = hp_.n_heads * hd;
+  const GgmlType kv_type = kv_f16_ ? GgmlType::F16 : GgmlType::F32;
   const size_t eb = kv_f16_ ? 2 : 4;
   const float scale = 1.0f / std::sqrt(float(hd));
-  // One task per (token, kv head): the query heads sharing a KV head read each K/V row once.
+  const int64_t tpt = tokens_per_attention_task(group), max_q = tpt * group;
+  // One task per (block of tokens, kv head): scores = K q for all the block's queries (one
+  // gemm), a causal softmax per query, then out = sum_p score_p * V_p (one mix_rows).
   auto task_fn = [&](int64_t task, int thread) {
-    const int64_t t = task / hp_.n_kv_heads, g = task % hp_.n_kv_heads;
-    const int64_t pos = start_pos + t, n_pos = pos + 1;
+    const int64_t g = task % hp_.n_kv_heads, t0 = task / hp_.n_kv_heads * tpt;
+    const int64_t nt = std::min(tpt, n - t0), n_q = nt * group;
+    const int64_t n_pos = start_pos + t0 + nt;  // positions the block's last token sees
     const size_t head_off = (size_t(layer) * hp_.n_kv_heads + g) * n_ctx_ * hd;
     const uint8_t* kbase = kv_k_.data() + head_off * eb;
     const uint8_t* vbase = kv_v_.data() + head_off * eb;
-    float* scores = scores_.data() + size_t(thread) * group * n_ctx_;  // (group, n_ctx)
-    // scores[h][p] = q_h . k_p * scale
-    for (int64_t p = 0; p < n_pos; p++) {
-      const uint8_t* kp = kbase + size_t(p) * hd * eb;
-      for (int64_t h = 0; h < group; h++) {
-        const float* qh = q_.data() + t * q_dim + (g * group + h) * hd;
-        const float s = kv_f16_ ? k_->dot_f16_f32(hd, reinterpret_cast<const fp16_t*>(kp), qh)
-                                : k_->dot_f32_f32(hd, reinterpret_cast<const float*>(kp), qh);
-        scores[h * n_ctx_ + p] = s * scale;
-      }
-    }
-    for (int64_t h = 0; h < group; h++) {
-      float* sc = scores + h * n_ctx_;
-      float* out = att_.data() + t * q_dim + (g * group + h) * hd;
-      float mx = sc[0];
-      for (int64_t p = 1; p < n_pos; p++) mx = std::max(mx, sc[p]);
+    float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;   // (n_q, hd), query (t, h)
+    float* obuf = attn_o_.data() + size_t(thread) * max_q * hd;   // (n_q, hd)
+    float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
+    for (int64_t t = 0; t < nt; t++)
+      std::memcpy(qbuf + t * group * hd, q_.data() + (t0 + t) * q_dim + g * group * hd,
+                  size_t(group * hd) * sizeof(float));
+    if (kv_f16_) round_to_f16(qbuf, n_q * hd);
+    k_->gemm(kv_type, hd, kbase, hd * eb, n_pos, qbuf, hd * sizeof(float), n_q, scores, n_ctx_);
+    for (int64_t i = 0; i < n_q; i++) {
+      float* sc = scores + i * n_ctx_;
+      const int64_t seen = start_pos + t0 + i / group + 1;  // causal: positions 0..pos
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < seen; p++) mx = std::max(mx, sc[p] * scale);
       float sum = 0.0f;
-      for (int64_t p = 0; p < n_pos; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
-      const float inv = 1.0f / sum;
-      std::fill(out, out + hd, 0.0f);
-      for (int64_t p = 0; p < n_pos; p++) {
-        const uint8_t* vp = vbase + size_t(p) * hd * eb;
-        if (kv_f16_) {
-          k_->axpy_f16(hd, sc[p] * inv, reinterpret_cast<const fp16_t*>(vp), out);
-        } else {
-          const float* vf = reinterpret_cast<const float*>(vp);
-          const float a = sc[p] * inv;
-          for (int64_t i = 0; i < hd; i++) out[i] += a * vf[i];
-        }
+      for (int64_t p = 0; p < seen; p++) {
+        sc[p] = std::exp(sc[p] * scale - mx);
+        sum += sc[p];
       }
+      const float inv = 1.0f / sum;
+      for (int64_t p = 0; p < seen; p++) sc[p] *= inv;
+      if (kv_f16_) round_to_f16(sc, seen);
+      std::fill(sc + seen, sc + n_pos, 0.0f);
     }
+    k_->mix_rows(kv_type, hd, vbase, hd * eb, n_pos, scores, n_ctx_, n_q, obuf, hd);
+    for (int64_t t = 0; t < nt; t++)
+      std::memcpy(att_.data() + (t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
+                  size_t(group * hd) * sizeof(float));
   };
+  const int64_t n_tasks = (n + tpt - 1) / tpt * hp_.n_kv_heads;
   // Decoding over a short context is a few microseconds of work: waking the pool for it
   // costs more than it saves (one barrier less per layer and token).
   constexpr int64_t kInlineAttentionMacs = 1 << 16;
   const int64_t macs = n * (start_pos + n) * hp_.n_heads * hd;
   if (macs < kInlineAttentionMacs) {
-    for (int64_t task = 0; task < n * hp_.n_kv_heads; task++) task_fn(task, 0);
+    for (int64_t task = 0; task < n_tasks; task++) task_fn(task, 0);
   } else {
-    pool_.parallel_for(n * hp_.n_kv_heads, task_fn);
+    pool_.parallel_for(n_tasks, task_fn);
   }
 }
 

@@ -100,6 +100,7 @@ class Model {
   // and all jobs' row chunks run in one parallel region (Q|K|V and gate|up fused).
   void matmuls(const float* x, int64_t n_tok, int64_t x_stride, std::initializer_list<MatmulJob> jobs);
   void attention(int64_t layer, int64_t n, int64_t start_pos);
+  void round_to_f16(float* x, int64_t n) const;
   void rope(float* v, int64_t n_heads_here, int64_t pos) const;
   void embed(int32_t token, float* out);
 
@@ -137,7 +138,9 @@ class Model {
     int64_t r0, n_rows;
   };
   std::vector<Chunk> chunks_;
-  std::vector<float> scores_;  // (n_threads, n_heads / n_kv_heads, n_ctx) attention scratch
+  // Attention scratch per thread: one task's queries (max_q, head_dim), their scores
+  // (max_q, n_ctx) and outputs (max_q, head_dim); see Model::attention.
+  std::vector<float> attn_q_, scores_, attn_o_;
   std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
 };
 

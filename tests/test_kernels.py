@@ -91,6 +91,22 @@ def test_axpy_f16(isa: str) -> None:
         assert np.allclose(got, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
 
 
+@pytest.mark.parametrize("n", [8, 13, 64, 80, 128])
+@pytest.mark.parametrize("n_q", [1, 3, 4, 7])
+def test_mix_rows_matches_numpy(n: int, n_q: int, isa: str) -> None:
+    # attention's second product: out = w @ v over positions, v rows in F16 or F32
+    rng = np.random.default_rng(n * 10 + n_q)
+    for n_pos in (1, 5, 70):
+        w = rng.random((n_q, n_pos)).astype(np.float32)
+        w /= w.sum(1, keepdims=True)  # softmax-like weights
+        v = rng.standard_normal((n_pos, n)).astype(np.float16)
+        expected = w.astype(np.float64) @ v.astype(np.float64)
+        got16 = _core.mix_rows(v.view(np.uint16), w, isa)
+        got32 = _core.mix_rows(v.astype(np.float32), w, isa)
+        assert np.allclose(got16, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+        assert np.allclose(got32, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+
+
 def test_unknown_isa_is_refused() -> None:
     with pytest.raises(ValueError, match="not available"):
         _core.gemm(int(T.F32), np.zeros((1, 128), np.uint8), np.zeros((1, 32), np.float32), 32,

@@ -579,6 +579,31 @@ void test_elementwise(const KernelTable& s, const KernelTable& t) {
     t.axpy_f16(n, 0.37f, x.data(), yt.data());
     record(isa + fmt(" axpy_f16 n=%lld", (long long)n), compare_elementwise(ys, yt));
   }
+  // mix_rows: rows of F16 and F32 values weighted by softmax-like (positive, summing to 1)
+  // weights, so results stay O(1) like the elementwise kernels.
+  for (int64_t n : {8, 13, 64, 80}) {
+    for (int64_t n_q : {1, 3, 4, 7}) {
+      const int64_t n_pos = 37;
+      std::vector<float> w = normal(size_t(n_q * n_pos), 47);
+      for (int64_t q = 0; q < n_q; q++) {
+        float sum = 0.0f;
+        for (int64_t p = 0; p < n_pos; p++) sum += (w[size_t(q * n_pos + p)] = std::fabs(w[size_t(q * n_pos + p)]));
+        for (int64_t p = 0; p < n_pos; p++) w[size_t(q * n_pos + p)] /= sum;
+      }
+      const std::vector<float> vf = normal(size_t(n_pos * n), 48);
+      std::vector<fp16_t> vh(vf.size());
+      for (size_t i = 0; i < vf.size(); i++) vh[i] = fp32_to_fp16(vf[i]);
+      for (GgmlType vt : {GgmlType::F16, GgmlType::F32}) {
+        const void* v = vt == GgmlType::F16 ? static_cast<const void*>(vh.data()) : vf.data();
+        const size_t vs = size_t(n) * (vt == GgmlType::F16 ? 2 : 4);
+        std::vector<float> os(size_t(n_q * n)), ot(os.size());
+        s.mix_rows(vt, n, v, vs, n_pos, w.data(), n_pos, n_q, os.data(), n);
+        t.mix_rows(vt, n, v, vs, n_pos, w.data(), n_pos, n_q, ot.data(), n);
+        record(isa + fmt(" mix_rows %s n=%lld n_q=%lld", type_name(vt), (long long)n, (long long)n_q),
+               compare_elementwise(os, ot));
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

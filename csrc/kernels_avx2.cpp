@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -229,27 +231,31 @@ static inline void store_panel(const __m256* acc, float* out, int64_t out_stride
   }
 }
 
-// Q4_1 weights (unsigned nibbles q, x = d*q + m) with Q8_1 activations:
-// dot = d_w*d_a*sum(q*a) + m_w*s_a. int16 lanes: 16 products of q <= 15 and |a| <= 128 each,
-// at most 30720.
-template <int C>
-static void panel_q4_1(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                       float* out, int64_t out_stride, int nr) {
-  constexpr size_t kBlock = kPanelRows * sizeof(block_q4_1);
+// Q4 weights (unsigned nibbles q) against 8-bit activations a, per block:
+//   Q4_1 (x = d*q + m, Q8_1 activations): d_w*d_a*sum(q*a) + m_w*s_a
+//   Q4_0 (x = d*(q-8), Q8_0 activations): d_w*d_a*(sum(q*a) - 8*sum(a)), the correction exact
+//        in integers from `sums8` (8*sum(a) per token and block, nb apart; see gemm_simd).
+// int16 lanes hold 16 products of q <= 15 and |a| <= 128 each: at most 30720.
+template <int C, bool kQ4_1>
+static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                     const int32_t* sums8, float* out, int64_t out_stride, int nr) {
+  using ActBlock = std::conditional_t<kQ4_1, block_q8_1, block_q8_0>;
+  constexpr size_t kBlock = kPanelRows * (kQ4_1 ? sizeof(block_q4_1) : sizeof(block_q4_0));
+  constexpr size_t kScales = kPanelRows * (kQ4_1 ? 4 : 2);
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   __m256 acc[C], accm[C];
   for (int c = 0; c < C; c++) acc[c] = accm[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* pb = w + size_t(b) * kBlock;
     prefetch_ahead<kBlock>(pb);
-    const block_q8_1* ab[C];
+    const ActBlock* ab[C];
     __m256i isum[C];
     for (int c = 0; c < C; c++) {
-      ab[c] = reinterpret_cast<const block_q8_1*>(act + c * act_stride) + b;
+      ab[c] = reinterpret_cast<const ActBlock*>(act + c * act_stride) + b;
       isum[c] = _mm256_setzero_si256();
     }
     for (int j = 0; j < 4; j++) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 32 + 32 * j));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kScales + 32 * j));
       const __m256i lo = _mm256_and_si256(v, low4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       for (int c = 0; c < C; c++) {
@@ -258,28 +264,33 @@ static void panel_q4_1(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 16)));
     for (int c = 0; c < C; c++) {
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[c], ones));
+      __m256i dot = _mm256_madd_epi16(isum[c], ones);
+      if constexpr (!kQ4_1) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(sums8[c * nb + b]));
       // The same operations in the same order for any C: a token's result does not depend on
       // how many tokens share the pass (prefill equals token-by-token decode).
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))), dot, acc[c]);
-      accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(fp16_scalar(ab[c]->s)), accm[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))),
+                               _mm256_cvtepi32_ps(dot), acc[c]);
+    }
+    if constexpr (kQ4_1) {
+      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 16)));
+      for (int c = 0; c < C; c++) {
+        const auto* a1 = reinterpret_cast<const block_q8_1*>(ab[c]);
+        accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(fp16_scalar(a1->s)), accm[c]);
+      }
     }
   }
-  for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], accm[c]);
+  if constexpr (kQ4_1)
+    for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], accm[c]);
   store_panel<C>(acc, out, out_stride, nr);
 }
 
-// Q4_0 (nibbles q, x = d*(q-8)) and Q8_0 weights with Q8_0 activations. maddubs multiplies
-// unsigned by signed bytes, so |w| meets a with w's sign moved onto it. Q4_0 int16 lanes: 16
-// products of |q-8| <= 8 and |a| <= 128, at most 16384; Q8_0 products (up to 127*128) are
-// widened every pair instead.
-template <int C, bool kQ4>
-static void panel_q8(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                     float* out, int64_t out_stride, int nr) {
-  constexpr size_t kBlock = kPanelRows * (kQ4 ? sizeof(block_q4_0) : sizeof(block_q8_0));
-  const __m256i low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+// Q8_0 weights with Q8_0 activations. maddubs multiplies unsigned by signed bytes, so |w|
+// meets a with w's sign moved onto it; products (up to 127*128) are widened every pair.
+template <int C>
+static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       const int32_t*, float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q8_0);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[C];
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
@@ -292,53 +303,55 @@ static void panel_q8(int64_t nb, const uint8_t* w, const uint8_t* act, size_t ac
       ab[c] = reinterpret_cast<const block_q8_0*>(act + c * act_stride) + b;
       isum[c] = _mm256_setzero_si256();
     }
-    const uint8_t* q = pb + 2 * kPanelRows;
-    if constexpr (kQ4) {
-      for (int j = 0; j < 4; j++) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
-        const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, low4), eight);
-        const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), eight);
-        const __m256i alo = _mm256_sign_epi8(lo, lo), ahi = _mm256_sign_epi8(hi, hi);
-        for (int c = 0; c < C; c++) {
-          const __m256i xl = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), lo);
-          const __m256i xh = _mm256_sign_epi8(bcast4(ab[c]->qs + 16 + 4 * j), hi);
-          isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(alo, xl));
-          isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(ahi, xh));
-        }
-      }
-      for (int c = 0; c < C; c++) isum[c] = _mm256_madd_epi16(isum[c], ones);
-    } else {
-      for (int j = 0; j < 8; j++) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
-        const __m256i av = _mm256_sign_epi8(v, v);
-        for (int c = 0; c < C; c++) {
-          const __m256i x = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), v);
-          isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
-        }
+    for (int j = 0; j < 8; j++) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 2 * kPanelRows + 32 * j));
+      const __m256i av = _mm256_sign_epi8(v, v);
+      for (int c = 0; c < C; c++) {
+        const __m256i x = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), v);
+        isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
     for (int c = 0; c < C; c++) {
-      const __m256 dot = _mm256_cvtepi32_ps(isum[c]);
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))), dot, acc[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))),
+                               _mm256_cvtepi32_ps(isum[c]), acc[c]);
     }
   }
   store_panel<C>(acc, out, out_stride, nr);
 }
 
-using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, float*, int64_t, int);
+using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, const int32_t*, float*,
+                         int64_t, int);
 
 // Panels outer (a panel's weights stay in cache), tokens inner in groups of 4 (each unpacked
-// weight vector serves 4 tokens), then the 1-3 left.
+// weight vector serves 4 tokens), then the 1-3 left. sums8: (n_tok, nb) or null.
 static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size_t w_stride,
-                        int64_t n_rows, const uint8_t* act, size_t act_stride, int64_t n_tok,
-                        float* out, int64_t out_stride) {
+                        int64_t n_rows, const uint8_t* act, size_t act_stride,
+                        const int32_t* sums8, int64_t n_tok, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < n_rows; r += kPanelRows) {
     const int nr = int(std::min<int64_t>(kPanelRows, n_rows - r));
     const uint8_t* wp = w + size_t(r) * w_stride;
     for (int64_t t = 0; t < n_tok; t += 4) {
       const int nt = int(std::min<int64_t>(4, n_tok - t));
-      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, out + t * out_stride + r, out_stride, nr);
+      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, sums8 ? sums8 + t * nb : nullptr,
+                  out + t * out_stride + r, out_stride, nr);
+    }
+  }
+}
+
+// 8 * (sum of the 32 int8 of each Q8_0 block) for n_tok rows of nb blocks.
+static void block_sums8(int64_t nb, const uint8_t* act, size_t act_stride, int64_t n_tok,
+                        int32_t* sums8) {
+  const __m256i ones8 = _mm256_set1_epi8(1), eights = _mm256_set1_epi16(8);
+  for (int64_t t = 0; t < n_tok; t++) {
+    const auto* ab = reinterpret_cast<const block_q8_0*>(act + t * act_stride);
+    for (int64_t b = 0; b < nb; b++) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab[b].qs));
+      const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q), eights);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      s4 = _mm_hadd_epi32(s4, s4);
+      s4 = _mm_hadd_epi32(s4, s4);
+      sums8[t * nb + b] = _mm_cvtsi128_si32(s4);
     }
   }
 }
@@ -452,20 +465,26 @@ static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_str
 static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
                       const void* act, size_t act_stride, int64_t n_tok, float* out,
                       int64_t out_stride) {
-  static const PanelFn q4_1[4] = {panel_q4_1<1>, panel_q4_1<2>, panel_q4_1<3>, panel_q4_1<4>};
-  static const PanelFn q4_0[4] = {panel_q8<1, true>, panel_q8<2, true>, panel_q8<3, true>,
-                                  panel_q8<4, true>};
-  static const PanelFn q8_0[4] = {panel_q8<1, false>, panel_q8<2, false>, panel_q8<3, false>,
-                                  panel_q8<4, false>};
+  static const PanelFn q4_1[4] = {panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>,
+                                  panel_q4<4, true>};
+  static const PanelFn q4_0[4] = {panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>,
+                                  panel_q4<4, false>};
+  static const PanelFn q8_0[4] = {panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>};
   const auto* wb = static_cast<const uint8_t*>(w);
   const auto* ab = static_cast<const uint8_t*>(act);
+  const int64_t nb = n / QK;
   switch (wtype) {
     case GgmlType::Q4_1:
-      return gemm_panels(q4_1, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
-    case GgmlType::Q4_0:
-      return gemm_panels(q4_0, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+      return gemm_panels(q4_1, nb, wb, w_stride, n_rows, ab, act_stride, nullptr, n_tok, out, out_stride);
+    case GgmlType::Q4_0: {
+      thread_local std::vector<int32_t> sums8;  // computed once per call, used by every panel
+      sums8.resize(size_t(n_tok * nb));
+      block_sums8(nb, ab, act_stride, n_tok, sums8.data());
+      return gemm_panels(q4_0, nb, wb, w_stride, n_rows, ab, act_stride, sums8.data(), n_tok, out,
+                         out_stride);
+    }
     case GgmlType::Q8_0:
-      return gemm_panels(q8_0, n / QK, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
+      return gemm_panels(q8_0, nb, wb, w_stride, n_rows, ab, act_stride, nullptr, n_tok, out, out_stride);
     case GgmlType::F16:
       return gemm_float<true>(n, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
     case GgmlType::F32:

@@ -138,6 +138,14 @@ static FloatArray swiglu(const FloatArray& g, const FloatArray& u, const std::st
   return y;
 }
 
+static FloatArray softmax(const FloatArray& x, float scale, const std::string& isa) {
+  if (x.ndim() != 1 || x.shape(0) < 1) throw std::invalid_argument("softmax: x must be 1-D, not empty");
+  FloatArray y(x.shape(0));
+  std::memcpy(y.mutable_data(), x.data(), x.shape(0) * 4);
+  table(isa)->softmax(y.mutable_data(), x.shape(0), scale);
+  return y;
+}
+
 static FloatArray axpy_f16(float a, const py::array_t<uint16_t, py::array::c_style>& x,
                            const FloatArray& y, const std::string& isa) {
   if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0))
@@ -282,6 +290,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("read_bandwidth", &read_bandwidth, py::arg("nbytes"), py::arg("n_threads"),
         py::arg("reps") = 5, py::arg("isa") = "");
   m.def("axpy_f16", &axpy_f16, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("isa") = "");
+  m.def("softmax", &softmax, py::arg("x"), py::arg("scale"), py::arg("isa") = "");
   m.def("mix_rows", &mix_rows, py::arg("v"), py::arg("w"), py::arg("isa") = "");
 
   py::class_<PyModel>(m, "Model")

@@ -191,6 +191,65 @@ static void axpy_f16(int64_t n, float a, const fp16_t* x, float* y) {
   for (; i < n; i++) y[i] += a * fp16_scalar(x[i]);
 }
 
+// e^x for 8 floats: x = n*ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^6 (error
+// below 2e-7 relative), times 2^n built in the exponent bits. Inputs are clamped to [-87, 88]
+// so 2^n stays a normal float (e^-87 ~ 1.6e-38 stands in for anything smaller).
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static void softmax_simd(float* x, int64_t n, float scale) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float mx = -INFINITY;
+  for (float l : lanes) mx = std::max(mx, l);
+  for (int64_t j = i; j < n; j++) mx = std::max(mx, x[j] * scale);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), vs, vm));
+    _mm256_storeu_ps(x + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (int64_t j = i; j < n; j++) {
+    x[j] = std::exp(x[j] * scale - mx);
+    sum += x[j];
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+  for (int64_t j = i; j < n; j++) x[j] *= 1.0f / sum;
+}
+
+static void swiglu_simd(const float* gate, const float* up, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_xor_ps(g, sign));  // e^-g
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
 #include "kernels_generic.inc"
 
 // ---- GEMM on Panel8 weights (weight_layout.h): 8 rows x C tokens per pass ----------------
@@ -512,7 +571,8 @@ static KernelTable make_table() {
   t.gemm = gemm_simd;
   t.mix_rows = mix_rows_simd;
   t.rmsnorm = rmsnorm;
-  t.swiglu = swiglu;
+  t.softmax = softmax_simd;
+  t.swiglu = swiglu_simd;
   t.axpy_f16 = axpy_f16;
   t.read_bytes = read_bytes;
   return t;

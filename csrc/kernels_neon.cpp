@@ -98,6 +98,7 @@ static KernelTable make_table() {
   t.gemm = gemm;
   t.mix_rows = mix_rows;
   t.rmsnorm = rmsnorm;
+  t.softmax = softmax;
   t.swiglu = swiglu;
   t.axpy_f16 = axpy_f16;
   return t;

@@ -30,6 +30,7 @@ static KernelTable make_table() {
   t.gemm = gemm;  // the generic gemm of this file calls the SDOT dot products
   t.mix_rows = mix_rows;
   t.rmsnorm = rmsnorm;
+  t.softmax = softmax;
   t.swiglu = swiglu;
   return t;
 }

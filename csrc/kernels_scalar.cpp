@@ -165,7 +165,7 @@ static const KernelTable table = {
     fp16_to_fp32_row, fp32_to_fp16_row,
     dot_q4_0_q8_0, dot_q4_1_q8_1, dot_q8_0_q8_0, dot_f16_f32, dot_f32_f32,
     ggml_packed_bytes, ggml_pack, ggml_unpack_row,
-    gemm, mix_rows, rmsnorm, swiglu, axpy_f16, read_bytes,
+    gemm, mix_rows, rmsnorm, softmax, swiglu, axpy_f16, read_bytes,
 };
 
 }  // namespace alpaca::scalar

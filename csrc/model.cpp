@@ -177,17 +177,20 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
                               reinterpret_cast<block_q8_1*>(act_q8_1_.data() + t * q8_1_stride), cols);
     });
   }
-  // Split every job's rows into about kChunksPerThread chunks per thread, each a multiple of
-  // 16 rows (a 64-byte line of float outputs, whole weight panels). Few large chunks keep
-  // each thread's weight reads one long sequential stream (prefetchers ramp up once per
-  // chunk); several per thread still let a thread that runs ahead take over the rest.
-  constexpr int64_t kRowAlign = 16, kChunksPerThread = 4;
+  // Split every job's rows into chunks of decreasing size ("guided" scheduling): each chunk
+  // takes 1 / (2 * threads) of the rows still left, in whole multiples of 16 rows (a 64-byte
+  // line of float outputs, whole weight panels). The first, large chunks keep each thread's
+  // weight reads long sequential streams; the small last ones even out the finish.
+  constexpr int64_t kRowAlign = 16;
   std::vector<Chunk>& chunks = chunks_;  // reused: no allocation per call once grown
   chunks.clear();
   for (const auto& j : jobs) {
-    const int64_t per = (j.w->rows + kChunksPerThread * pool_.size() - 1) / (kChunksPerThread * pool_.size());
-    const int64_t rows = std::max(kRowAlign, (per + kRowAlign - 1) / kRowAlign * kRowAlign);
-    for (int64_t r = 0; r < j.w->rows; r += rows) chunks.push_back({&j, r, std::min(rows, j.w->rows - r)});
+    for (int64_t r = 0; r < j.w->rows;) {
+      const int64_t share = (j.w->rows - r) / (2 * pool_.size());
+      const int64_t rows = std::min(j.w->rows - r, std::max(kRowAlign, share / kRowAlign * kRowAlign));
+      chunks.push_back({&j, r, rows});
+      r += rows;
+    }
   }
   pool_.parallel_for(int64_t(chunks.size()), [&](int64_t c, int) {
     const MatmulJob& j = *chunks[c].job;
@@ -261,15 +264,7 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
     for (int64_t i = 0; i < n_q; i++) {
       float* sc = scores + i * n_ctx_;
       const int64_t seen = start_pos + t0 + i / group + 1;  // causal: positions 0..pos
-      float mx = -INFINITY;
-      for (int64_t p = 0; p < seen; p++) mx = std::max(mx, sc[p] * scale);
-      float sum = 0.0f;
-      for (int64_t p = 0; p < seen; p++) {
-        sc[p] = std::exp(sc[p] * scale - mx);
-        sum += sc[p];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t p = 0; p < seen; p++) sc[p] *= inv;
+      k_->softmax(sc, seen, scale);
       if (kv_f16_) round_to_f16(sc, seen);
       std::fill(sc + seen, sc + n_pos, 0.0f);
     }

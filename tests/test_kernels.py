@@ -81,6 +81,17 @@ def test_swiglu(isa: str) -> None:
         assert np.allclose(got, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
 
 
+def test_softmax(isa: str) -> None:
+    rng = np.random.default_rng(9)
+    for n in (1, 7, 8, 70, 2049):
+        # attention scores: raw dot products, scaled by 1/sqrt(head size) inside; wide range
+        x = (rng.standard_normal(n) * 30).astype(np.float32)
+        z = x.astype(np.float64) * 0.125
+        e = np.exp(z - z.max())
+        got = _core.softmax(x, 0.125, isa)
+        assert np.allclose(got, e / e.sum(), rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+
+
 def test_axpy_f16(isa: str) -> None:
     rng = np.random.default_rng(8)
     for n in (1, 13, 64, 128):

@@ -570,6 +570,12 @@ void test_elementwise(const KernelTable& s, const KernelTable& t) {
     t.swiglu(g.data(), u.data(), yt.data(), n);
     record(isa + fmt(" swiglu n=%lld", (long long)n), compare_elementwise(ys, yt));
   }
+  for (int64_t n : {1, 7, 8, 70, 2049}) {
+    std::vector<float> ys = normal(size_t(n), 49, 30.0f), yt = ys;  // raw attention scores
+    s.softmax(ys.data(), n, 0.125f);
+    t.softmax(yt.data(), n, 0.125f);
+    record(isa + fmt(" softmax n=%lld", (long long)n), compare_elementwise(ys, yt));
+  }
   for (int64_t n : {1, 7, 8, 33, 4099}) {
     const std::vector<float> xf = normal(size_t(n), 45);
     std::vector<fp16_t> x(static_cast<size_t>(n));

@@ -138,12 +138,13 @@ static FloatArray swiglu(const FloatArray& g, const FloatArray& u, const std::st
   return y;
 }
 
-static FloatArray softmax(const FloatArray& x, float scale, const std::string& isa) {
+// Returns (softmax(scale * x), log(sum(exp(scale * x)))).
+static py::tuple softmax(const FloatArray& x, float scale, const std::string& isa) {
   if (x.ndim() != 1 || x.shape(0) < 1) throw std::invalid_argument("softmax: x must be 1-D, not empty");
   FloatArray y(x.shape(0));
   std::memcpy(y.mutable_data(), x.data(), x.shape(0) * 4);
-  table(isa)->softmax(y.mutable_data(), x.shape(0), scale);
-  return y;
+  const float lse = table(isa)->softmax(y.mutable_data(), x.shape(0), scale);
+  return py::make_tuple(y, lse);
 }
 
 static FloatArray axpy_f16(float a, const py::array_t<uint16_t, py::array::c_style>& x,

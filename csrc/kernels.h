@@ -64,8 +64,10 @@ struct KernelTable {
   // --- elementwise ---
   // y = x / sqrt(mean(x^2) + eps) * weight
   void (*rmsnorm)(const float* x, const float* weight, float* y, int64_t n, float eps);
-  // x = softmax(scale * x): exp(scale * x - max) / sum, in place over n > 0 values
-  void (*softmax)(float* x, int64_t n, float scale);
+  // x = softmax(scale * x): exp(scale * x - max) / sum, in place over n > 0 values. Returns
+  // log(sum(exp(scale * x))) so that softmaxes of parts of a row can be merged (attention
+  // split over positions).
+  float (*softmax)(float* x, int64_t n, float scale);
   // out = silu(gate) * up
   void (*swiglu)(const float* gate, const float* up, float* out, int64_t n);
   // y += a * x (x in f16): accumulate one value row into an attention output

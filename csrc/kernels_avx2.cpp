@@ -211,7 +211,7 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-static void softmax_simd(float* x, int64_t n, float scale) {
+static float softmax_simd(float* x, int64_t n, float scale) {
   const __m256 vs = _mm256_set1_ps(scale);
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;
@@ -236,6 +236,7 @@ static void softmax_simd(float* x, int64_t n, float scale) {
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
   for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
   for (int64_t j = i; j < n; j++) x[j] *= 1.0f / sum;
+  return mx + std::log(sum);
 }
 
 static void swiglu_simd(const float* gate, const float* up, float* out, int64_t n) {

@@ -87,6 +87,17 @@ static int64_t tokens_per_attention_task(int64_t group) {
   return std::max<int64_t>(1, kQueriesPerTask / group);
 }
 
+// Decoding over a long context: one task per KV head would keep only n_kv_heads threads busy
+// (3 for SmolLM2), so each head's positions are split into parts of at least
+// kMinPartPositions, about kAttentionTasksPerThread tasks per thread in all, whose softmaxes
+// are merged by their normalizers afterwards.
+static constexpr int64_t kMinPartPositions = 128;
+static constexpr int64_t kAttentionTasksPerThread = 8;
+
+static int64_t max_attention_parts(int n_threads, int64_t n_kv_heads) {
+  return std::max<int64_t>(1, (kAttentionTasksPerThread * n_threads + n_kv_heads - 1) / n_kv_heads);
+}
+
 Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
              int n_threads, bool kv_f16, const KernelTable* kernels)
     : hp_(hp), n_ctx_(n_ctx), kv_f16_(kv_f16), k_(kernels), pool_(n_threads) {
@@ -141,6 +152,9 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   scores_.resize(size_t(pool_.size()) * max_q * n_ctx);
   attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
   attn_o_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
+  const size_t max_parts = size_t(hp.n_kv_heads * max_attention_parts(pool_.size(), hp.n_kv_heads));
+  part_o_.resize(max_parts * max_q * hp.head_dim);
+  part_log_sum_.resize(max_parts * max_q);
 }
 
 void Model::embed(int32_t token, float* out) {
@@ -238,42 +252,63 @@ void Model::round_to_f16(float* x, int64_t n) const {
 }
 
 void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
-  const int64_t hd = hp_.head_dim, group = hp_.n_heads / hp_.n_kv_heads;
+  const int64_t hd = hp_.head_dim, n_kv = hp_.n_kv_heads, group = hp_.n_heads / n_kv;
   const int64_t q_dim = hp_.n_heads * hd;
   const GgmlType kv_type = kv_f16_ ? GgmlType::F16 : GgmlType::F32;
   const size_t eb = kv_f16_ ? 2 : 4;
   const float scale = 1.0f / std::sqrt(float(hd));
   const int64_t tpt = tokens_per_attention_task(group), max_q = tpt * group;
-  // One task per (block of tokens, kv head): scores = K q for all the block's queries (one
-  // gemm), a causal softmax per query, then out = sum_p score_p * V_p (one mix_rows).
+  const int64_t n_blocks = (n + tpt - 1) / tpt;
+  // Positions are split only when one block of tokens holds all the queries (decoding).
+  const int64_t n_parts =
+      n_blocks > 1 ? 1
+                   : std::clamp<int64_t>((start_pos + n) / kMinPartPositions, 1,
+                                         max_attention_parts(pool_.size(), n_kv));
+  const int64_t part_len = (start_pos + n + n_parts - 1) / n_parts;
+  // One task per (block of tokens, part of the positions, kv head): scores = K q for all the
+  // block's queries (one gemm), a causal softmax per query, then out = sum_p score_p * V_p
+  // (one mix_rows).
   auto task_fn = [&](int64_t task, int thread) {
-    const int64_t g = task % hp_.n_kv_heads, t0 = task / hp_.n_kv_heads * tpt;
+    const int64_t g = task % n_kv, part = task / n_kv % n_parts, t0 = task / n_kv / n_parts * tpt;
     const int64_t nt = std::min(tpt, n - t0), n_q = nt * group;
     const int64_t n_pos = start_pos + t0 + nt;  // positions the block's last token sees
-    const size_t head_off = (size_t(layer) * hp_.n_kv_heads + g) * n_ctx_ * hd;
+    const int64_t p0 = std::min(n_pos, part * part_len), len = std::min(n_pos - p0, part_len);
+    const size_t head_off = ((size_t(layer) * n_kv + g) * n_ctx_ + p0) * hd;
     const uint8_t* kbase = kv_k_.data() + head_off * eb;
     const uint8_t* vbase = kv_v_.data() + head_off * eb;
     float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;   // (n_q, hd), query (t, h)
-    float* obuf = attn_o_.data() + size_t(thread) * max_q * hd;   // (n_q, hd)
     float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
+    const size_t slot = size_t(g * n_parts + part) * max_q;
+    float* obuf = n_parts > 1 ? part_o_.data() + slot * hd                // (n_q, hd)
+                              : attn_o_.data() + size_t(thread) * max_q * hd;
     for (int64_t t = 0; t < nt; t++)
       std::memcpy(qbuf + t * group * hd, q_.data() + (t0 + t) * q_dim + g * group * hd,
                   size_t(group * hd) * sizeof(float));
     if (kv_f16_) round_to_f16(qbuf, n_q * hd);
-    k_->gemm(kv_type, hd, kbase, hd * eb, n_pos, qbuf, hd * sizeof(float), n_q, scores, n_ctx_);
+    if (len > 0) k_->gemm(kv_type, hd, kbase, hd * eb, len, qbuf, hd * sizeof(float), n_q, scores, n_ctx_);
     for (int64_t i = 0; i < n_q; i++) {
       float* sc = scores + i * n_ctx_;
-      const int64_t seen = start_pos + t0 + i / group + 1;  // causal: positions 0..pos
-      k_->softmax(sc, seen, scale);
-      if (kv_f16_) round_to_f16(sc, seen);
-      std::fill(sc + seen, sc + n_pos, 0.0f);
+      // causal: query i sees positions 0..its own, of which `seen` fall in this part
+      const int64_t seen = std::clamp<int64_t>(start_pos + t0 + i / group + 1 - p0, 0, len);
+      float log_sum = -INFINITY;  // a part with nothing to see weighs nothing in the merge
+      if (seen > 0) {
+        log_sum = k_->softmax(sc, seen, scale);
+        if (kv_f16_) round_to_f16(sc, seen);
+      }
+      std::fill(sc + seen, sc + len, 0.0f);
+      if (n_parts > 1) part_log_sum_[slot + i] = log_sum;
     }
-    k_->mix_rows(kv_type, hd, vbase, hd * eb, n_pos, scores, n_ctx_, n_q, obuf, hd);
+    if (len > 0) {
+      k_->mix_rows(kv_type, hd, vbase, hd * eb, len, scores, n_ctx_, n_q, obuf, hd);
+    } else {
+      std::fill(obuf, obuf + n_q * hd, 0.0f);
+    }
+    if (n_parts > 1) return;  // merged below
     for (int64_t t = 0; t < nt; t++)
       std::memcpy(att_.data() + (t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
                   size_t(group * hd) * sizeof(float));
   };
-  const int64_t n_tasks = (n + tpt - 1) / tpt * hp_.n_kv_heads;
+  const int64_t n_tasks = n_blocks * n_parts * n_kv;
   // Decoding over a short context is a few microseconds of work: waking the pool for it
   // costs more than it saves (one barrier less per layer and token).
   constexpr int64_t kInlineAttentionMacs = 1 << 16;
@@ -282,6 +317,27 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
     for (int64_t task = 0; task < n_tasks; task++) task_fn(task, 0);
   } else {
     pool_.parallel_for(n_tasks, task_fn);
+  }
+  if (n_parts == 1) return;
+  // Merge the parts of each query: softmax over the whole row = the parts' softmaxes weighted
+  // by exp(log_sum_part - log_sum_row).
+  for (int64_t g = 0; g < n_kv; g++) {
+    for (int64_t i = 0; i < n * group; i++) {
+      float top = -INFINITY;
+      for (int64_t part = 0; part < n_parts; part++)
+        top = std::max(top, part_log_sum_[size_t(g * n_parts + part) * max_q + i]);
+      float* out = att_.data() + (i / group) * q_dim + (g * group + i % group) * hd;
+      std::fill(out, out + hd, 0.0f);
+      float total = 0.0f;
+      for (int64_t part = 0; part < n_parts; part++) {
+        const size_t slot = size_t(g * n_parts + part) * max_q + i;
+        const float w = std::exp(part_log_sum_[slot] - top);
+        const float* o = part_o_.data() + slot * hd;
+        for (int64_t d = 0; d < hd; d++) out[d] += w * o[d];
+        total += w;
+      }
+      for (int64_t d = 0; d < hd; d++) out[d] /= total;
+    }
   }
 }
 

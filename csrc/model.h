@@ -141,6 +141,9 @@ class Model {
   // Attention scratch per thread: one task's queries (max_q, head_dim), their scores
   // (max_q, n_ctx) and outputs (max_q, head_dim); see Model::attention.
   std::vector<float> attn_q_, scores_, attn_o_;
+  // Decoding splits each KV head's positions into parts (Model::attention): every part's
+  // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (kv head, part).
+  std::vector<float> part_o_, part_log_sum_;
   std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
 };
 

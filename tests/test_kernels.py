@@ -88,8 +88,11 @@ def test_softmax(isa: str) -> None:
         x = (rng.standard_normal(n) * 30).astype(np.float32)
         z = x.astype(np.float64) * 0.125
         e = np.exp(z - z.max())
-        got = _core.softmax(x, 0.125, isa)
+        got, log_sum = _core.softmax(x, 0.125, isa)
         assert np.allclose(got, e / e.sum(), rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
+        # log(sum(exp(0.125 x))): what merges the softmaxes of parts of a row
+        expected_log_sum = z.max() + np.log(e.sum())
+        assert abs(log_sum - expected_log_sum) <= ELEMENTWISE_RTOL * max(1.0, abs(expected_log_sum))
 
 
 def test_axpy_f16(isa: str) -> None:

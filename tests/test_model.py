@@ -104,6 +104,26 @@ def test_long_prefill_spans_internal_batches(tmp_path: Path) -> None:
     assert max_rel(m.forward(tokens), whole[-1]) <= SAME_ENGINE_RTOL
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_decode_over_long_context_matches_prefill(tmp_path: Path, isa: str, kv_type: str) -> None:
+    """Decoding past a few hundred positions splits each KV head's positions into parts whose
+    softmaxes are merged afterwards (Model::attention); logits must not notice."""
+    spec = TinySpec(context_length=1024, n_layers=2, n_heads=4, n_kv_heads=2, seed=11)
+    path = write_tiny_model(tmp_path / "m.gguf", spec)
+    tokens = np.random.default_rng(11).integers(0, spec.n_vocab, 620)
+    m = alpaca_cpu.Model(path, n_ctx=640, n_threads=2, kv_type=kv_type)
+    assert m.isa == isa
+    whole = m.forward(tokens, all_logits=True)  # 512 + 108 tokens: no split in batches
+    m.forward(tokens[:600])
+    steps = np.stack([m.forward([t], start_pos=600 + i) for i, t in enumerate(tokens[600:])])
+    assert max_rel(steps, whole[600:]) <= SAME_ENGINE_RTOL
+    # a short batch (one block of queries) is split too
+    batch = m.forward(tokens[600:610], start_pos=600, all_logits=True)
+    assert max_rel(batch, whole[600:610]) <= SAME_ENGINE_RTOL
+    ref = ReferenceModel(path, n_ctx=640).forward(tokens, all_logits=True)
+    assert max_rel(steps, ref[600:]) <= FLOAT_RTOL
+
+
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> alpaca_cpu.Model:
     path = write_tiny_model(tmp_path_factory.mktemp("small") / "m.gguf", TinySpec())

@@ -20,6 +20,10 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Pins v's running value at this point of the program: GCC otherwise re-associates chains of
+// integer adds into trees whose partial sums outnumber the 16 registers and spill to the stack.
+static inline void keep_in_register(__m256i& v) { asm volatile("" : "+x"(v)); }
+
 static inline float fp16_scalar(fp16_t h) { return _cvtsh_ss(h); }
 
 // Round half away from zero, like roundf (the GGML reference), not the FPU's half-to-even.
@@ -321,6 +325,7 @@ static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t ac
       for (int c = 0; c < C; c++) {
         isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(lo, bcast4(ab[c]->qs + 4 * j)));
         isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
+        keep_in_register(isum[c]);
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
@@ -369,6 +374,7 @@ static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       for (int c = 0; c < C; c++) {
         const __m256i x = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), v);
         isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
+        keep_in_register(isum[c]);
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));

@@ -3,6 +3,7 @@ computation on the numpy reference, and the random-model writer (benchmarks/).""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -41,6 +42,8 @@ PRINTED_ERR_ATOL = 5e-6
 # Dequantized random weights stay within their uniform range, up to one quantization step
 # (4-bit types: 1/7 of the block's absolute maximum).
 QUANT_RANGE_SLACK = 1.0 + 1.0 / 7
+# A record's t/s samples against its samples_ns, which are rounded to whole nanoseconds.
+TS_FROM_NS_RTOL = 1e-6
 
 CTX = 16  # perplexity chunk: 8 context tokens, 7 scored per chunk
 BOS = 0
@@ -170,6 +173,16 @@ def test_perplexity_cli_refuses_short_text(tiny_with_tokenizer: Path, tmp_path: 
     assert f"needs at least {2 * CTX}" in capsys.readouterr().err
 
 
+def import_script(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---- alpaca-bench ----------------------------------------------------------------------------
 
 RECORD_TYPES = {
@@ -218,7 +231,7 @@ def test_bench_json_records(tiny_with_tokenizer: Path,
         assert r["stddev_ts"] == pytest.approx(statistics.stdev(r["samples_ts"]))
         for ts, ns in zip(r["samples_ts"], r["samples_ns"]):
             assert ts > 0 and ts == pytest.approx((p if r["n_prompt"] else n) / (ns * 1e-9),
-                                                  rel=1e-6)
+                                                  rel=TS_FROM_NS_RTOL)
         assert 0 < r["rss_load"] <= r["peak_rss_load"]
         assert r["bandwidth_gbs"] > 0
         if r["api"] == "model":
@@ -264,18 +277,170 @@ def test_bench_without_tokenizer_needs_api_model(tmp_path: Path,
     assert records[0]["model_type"] == "llama 0.1M Q8_0"
 
 
+def test_bench_depth_engine_positions(tiny_with_tokenizer: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    d, p, n, reps = 9, 5, 3, 2
+    calls: list[tuple[int, int]] = []
+
+    class RecordingModel(alpaca_cpu.Model):
+        """The engine, noting (start_pos, number of tokens) of every forward()."""
+
+        def forward(self, tokens: Any, start_pos: int = 0, **kwargs: Any) -> Any:
+            calls.append((start_pos, len(tokens)))
+            return super().forward(tokens, start_pos=start_pos, **kwargs)
+
+    monkeypatch.setattr(bench, "FILL_BATCH", 4)  # so that the depth takes several batches
+    monkeypatch.setattr(bench, "Model", RecordingModel)
+    code, _, err = run_bench(["-m", str(tiny_with_tokenizer), "-t", "1", "-d", str(d), "-p",
+                              str(p), "-n", str(n), "-r", str(reps), "--api", "model"], capsys)
+    assert code == 0, err
+    depth = [(0, 4), (4, 4), (8, 1)]  # positions 0..d-1, once
+    prefill = [(d, p)] * (reps + 1)  # warm-up and reps, all right after the depth
+    decode = [(pos, 1) for pos in range(d, d + n)] * (reps + 1)
+    n_ctx = d + p + n
+    memory = [(start, min(4, n_ctx - start)) for start in range(0, n_ctx, 4)]
+    assert calls == depth + prefill + decode + memory
+
+
+def test_bench_depth_json_records(tiny_with_tokenizer: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    d, p, n, reps = 20, 6, 4, 2
+    evals: list[tuple[int, int, int, int]] = []
+
+    def recording(llm: Any, depth: list[int], prompt: list[int], *args: Any) -> float:
+        seconds = real(llm, depth, prompt, *args)
+        evals.append((len(depth), len(prompt), llm.last_eval.n_reused,
+                      llm.last_eval.n_evaluated))
+        return seconds
+
+    real = bench.completion_seconds
+    monkeypatch.setattr(bench, "completion_seconds", recording)
+    code, out, err = run_bench(["-m", str(tiny_with_tokenizer), "-t", "1", "-d", str(d), "-p",
+                                str(p), "-n", str(n), "-r", str(reps), "-o", "json",
+                                "--bandwidth", "--bandwidth-mib", "4"], capsys)
+    assert code == 0, err
+    records = json.loads(out)
+    assert sorted((r["api"], r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records) == \
+        sorted((api, pp, tg, d) for api in ("model", "llama") for pp, tg in ((p, 0), (0, n)))
+    mf = open_model_file(tiny_with_tokenizer)
+    cfg, embd = mf.config, mf.tensors["token_embd.weight"]
+    size = sum(t.data.nbytes for t in mf.tensors.values())
+    for r in records:
+        assert isinstance(r["n_depth"], int)
+        assert r["n_ctx"] == d + p + n
+        for ts, ns in zip(r["samples_ts"], r["samples_ns"]):  # the depth is not counted
+            assert ts > 0 and ts == pytest.approx((p if r["n_prompt"] else n) / (ns * 1e-9),
+                                                  rel=TS_FROM_NS_RTOL)
+        if r["n_gen"]:
+            # the decode tokens see d + 1 .. d + n positions: d + (n + 1) / 2 on average
+            kv = 2 * cfg.n_layers * cfg.kv_dim * 2 * (d + (n + 1) / 2)
+            expected = size - embd.data.nbytes + embd.data.nbytes // embd.rows + kv
+            assert r["bytes_per_token"] == round(expected)
+    # Every completion (warm-up and reps) reused the d cached tokens and computed only its own.
+    assert evals == [(d, p, d, p)] * (reps + 1) + [(d, 1, d, 1)] * (reps + 1)
+
+
+def test_bench_depth_markdown_label(tiny_with_tokenizer: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_bench(["-m", str(tiny_with_tokenizer), "-t", "1", "-d", "6", "-p", "8",
+                                "-n", "4", "-r", "1", "--api", "model"], capsys)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| llama ")]
+    assert re.search(r"\| +pp8 @ d6 \| +\d+\.\d\d ± \d+\.\d\d \|$", rows[0])
+    assert re.search(r"\| +tg4 @ d6 \| +\d+\.\d\d ± \d+\.\d\d \|$", rows[1])
+    assert "(n_ctx 18)" in out
+
+
+def test_bench_depth_context_bound(tiny_with_tokenizer: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # The decode test is the longer: the API's needs d + 1 + n positions, exactly the bound.
+    d, p, n = 6, 2, 8
+    args = ["-m", str(tiny_with_tokenizer), "-t", "1", "-d", str(d), "-p", str(p), "-n", str(n),
+            "-r", "1", "-o", "json"]
+    code, out, err = run_bench([*args, "-c", str(d + n + 1)], capsys)
+    assert code == 0, err
+    assert {r["n_ctx"] for r in json.loads(out)} == {d + n + 1}
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*args, "-c", str(d + n)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"-c {d + n} is too small for -d {d} / -p {p} / -n {n}" in err
+    assert f"at least {d + n + 1}" in err
+
+
+# ---- benchmarks/compare_llama_cpp.py ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compare() -> ModuleType:
+    return import_script("compare_llama_cpp")
+
+
+# Derived t/s are exact quotients of the hand-made times; only float rounding differs.
+DERIVED_TS_RTOL = 1e-12
+
+
+def llama_bench_record(n_prompt: int, n_gen: int, avg_ns: int) -> dict[str, Any]:
+    """A record with the fields of llama-bench c392e509 -o json that at_depth() reads or keeps."""
+    return {"build_commit": "c392e509", "model_filename": "m.gguf", "model_type": "llama ?B Q4_0",
+            "n_threads": 2, "n_prompt": n_prompt, "n_gen": n_gen, "avg_ns": avg_ns,
+            "stddev_ns": 1000, "avg_ts": (n_prompt + n_gen) / (avg_ns * 1e-9), "stddev_ts": 0.5,
+            "samples_ns": [avg_ns], "samples_ts": [1.0]}
+
+
+def test_compare_llama_bench_cmd_at_depth(compare: ModuleType) -> None:
+    a = argparse.Namespace(n_depth=1000, n_prompt=64, n_gen=32, repetitions=3)
+    cmd = compare.llama_bench_cmd("llama-bench", "m.gguf", 2, a)
+    assert cmd[cmd.index("-p") + 1] == "1000,1064" and cmd[cmd.index("-n") + 1] == "0"
+    assert cmd[cmd.index("-pg") + 1] == "1000,32"
+    a.n_depth = 0
+    cmd = compare.llama_bench_cmd("llama-bench", "m.gguf", 2, a)
+    assert cmd[cmd.index("-p") + 1] == "64" and cmd[cmd.index("-n") + 1] == "32"
+    assert "-pg" not in cmd
+
+
+def test_compare_at_depth_derivation(compare: ModuleType) -> None:
+    d, p, n = 1000, 64, 32
+    theirs = [llama_bench_record(d, 0, 2_000_000_000), llama_bench_record(d + p, 0, 2_400_000_000),
+              llama_bench_record(d, n, 2_800_000_000)]
+    derived = compare.at_depth(theirs, d, p, n)
+    by_label = {compare.test_label(r): r for r in derived}
+    assert sorted(by_label) == ["pp64 @ d1000", "tg32 @ d1000"]
+    pp, tg = by_label["pp64 @ d1000"], by_label["tg32 @ d1000"]
+    assert (pp["n_prompt"], pp["n_gen"], pp["n_depth"]) == (p, 0, d)
+    assert (tg["n_prompt"], tg["n_gen"], tg["n_depth"]) == (0, n, d)
+    assert pp["avg_ns"] == 400_000_000 and tg["avg_ns"] == 800_000_000
+    assert pp["avg_ts"] == pytest.approx(p / 0.4, rel=DERIVED_TS_RTOL)
+    assert tg["avg_ts"] == pytest.approx(n / 0.8, rel=DERIVED_TS_RTOL)
+    assert pp["derived"] == "time(pp 1064) - time(pp 1000)"
+    assert tg["derived"] == "time(pg 1000,32) - time(pp 1000)"
+    for r in derived:
+        assert r["stddev_ts"] is None and r["stddev_ns"] is None
+        assert "samples_ns" not in r and "samples_ts" not in r
+        assert r["build_commit"] == "c392e509" and r["n_threads"] == 2
+    # The raw records keep their own names: none of them is taken for a test at depth.
+    assert [compare.test_label(r) for r in theirs] == ["pp1000", "pp1064", "pp1000+tg32"]
+    ours = [{"n_threads": 2, "api": "model", "isa": "avx2", "n_prompt": 0, "n_gen": n,
+             "n_depth": d, "avg_ts": 60.0}]
+    [row] = compare.ratios(ours, theirs + derived, 0, "m.gguf")
+    assert row["test"] == "tg32 @ d1000"
+    assert row["ratio"] == pytest.approx(60.0 / (n / 0.8), rel=DERIVED_TS_RTOL)
+
+
+def test_compare_at_depth_refuses_noise(compare: ModuleType) -> None:
+    theirs = [llama_bench_record(100, 0, 5_000_000), llama_bench_record(100, 1, 4_900_000)]
+    with pytest.raises(RuntimeError, match="not positive"):
+        compare.at_depth(theirs, 100, 0, 1)
+    with pytest.raises(RuntimeError, match="n_prompt 101, n_gen 0; got 0"):
+        compare.at_depth(theirs, 100, 1, 0)
+
+
 # ---- benchmarks/make_random_model.py ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def make_random_model() -> ModuleType:
-    path = REPO / "benchmarks" / "make_random_model.py"
-    spec = importlib.util.spec_from_file_location("make_random_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return import_script("make_random_model")
 
 
 CUSTOM = ["--shape", "custom", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads",

@@ -2,18 +2,24 @@
 
     alpaca-bench -m MODEL.gguf -t 1,2 -p 512 -n 128 -r 5            # a table, like llama-bench
     alpaca-bench -m MODEL.gguf -t 2 -o json --bandwidth              # records with its fields
+    alpaca-bench -m MODEL.gguf -t 2 -d 2000 -p 0 -n 128             # decode after 2000 tokens
 
 Tests, each repeated -r times after one warm-up run that is not counted:
-  pp<p>  prefill: one forward() of p random tokens from an empty cache; t/s = p / time.
-  tg<n>  decode: n single-token forward() calls at positions 0..n-1; t/s = n / time.
+  pp<p>  prefill: one forward() of p random tokens at positions d..d+p-1; t/s = p / time.
+  tg<n>  decode: n single-token forward() calls at positions d..d+n-1; t/s = n / time.
+-d (default 0) is the depth, as llama-bench's: positions 0..d-1 of the cache are filled with
+random tokens once, untimed, so every test attends to d earlier tokens (labels "pp<p> @ d<d>",
+records "n_depth"); with d = 0 the tests start from an empty cache.
 Both run twice: on `Model.forward` directly (api "model": the engine) and through the public
 `Llama.create_completion` (api "llama": what a Python user gets, sampling and detokenizing
 included). There, pp<p> is one completion of the p prompt ids with max_tokens=1 and tg<n> one
 completion of a 1-token prompt with max_tokens=n (n one-token forwards again, as in the engine
-test), greedy, with the end-of-generation tokens banned so that exactly n tokens come out.
+test), greedy, with the end-of-generation tokens banned so that exactly n tokens come out. At
+depth d, the d tokens are evaluated first (untimed) and the completion's prompt is those d
+tokens followed by the test's, so Llama's prefix reuse computes only the test's tokens.
 
 Memory (api "model"): RSS and peak RSS right after loading and after filling the whole context
-(n_ctx tokens, default p + n); the peak is reset before each load (Linux), so every figure
+(n_ctx tokens, default d + p + n); the peak is reset before each load (Linux), so every figure
 belongs to one model. --bandwidth adds the memory read bandwidth measured with the same thread
 count and, for decode, the fraction of it used: t/s x bytes read per token / bandwidth.
 """
@@ -47,7 +53,7 @@ from ..system import physical_cores
 
 PROG = "alpaca-bench"
 APIS = ("model", "llama")
-FILL_BATCH = 512  # tokens per forward() when filling the context for the memory figure
+FILL_BATCH = 512  # tokens per forward() when filling the cache (depth, memory figure)
 KV_BYTES_PER_VALUE = 2  # the engine's KV cache is F16 (Model's default kv_type)
 
 
@@ -143,30 +149,46 @@ def repeat(run: Callable[[], float], reps: int) -> list[float]:
     return [run() for _ in range(reps)]
 
 
-def prefill_seconds(model: Model, tokens: np.ndarray) -> float:
+def fill_cache(model: Model, tokens: np.ndarray) -> None:
+    """Positions 0..len(tokens)-1 of the cache, in batches of FILL_BATCH (untimed)."""
+    for start in range(0, len(tokens), FILL_BATCH):
+        model.forward(tokens[start : start + FILL_BATCH], start_pos=start)
+
+
+def prefill_seconds(model: Model, tokens: np.ndarray, start_pos: int) -> float:
     t0 = time.perf_counter()
-    model.forward(tokens)
+    model.forward(tokens, start_pos=start_pos)
     return time.perf_counter() - t0
 
 
-def decode_seconds(model: Model, tokens: np.ndarray) -> float:
-    """n one-token forwards at positions 0..n-1 (llama-bench's tg feeds random tokens too)."""
+def decode_seconds(model: Model, tokens: np.ndarray, start_pos: int) -> float:
+    """n one-token forwards at positions start_pos.. (llama-bench's tg feeds random tokens too)."""
     t0 = time.perf_counter()
-    for pos, tok in enumerate(tokens.tolist()):
+    for pos, tok in enumerate(tokens.tolist(), start_pos):
         model.forward([tok], start_pos=pos)
     return time.perf_counter() - t0
 
 
-def completion_seconds(llm: Any, prompt: list[int], max_tokens: int,
+def completion_seconds(llm: Any, depth: list[int], prompt: list[int], max_tokens: int,
                        ban: dict[int, float]) -> float:
-    """One greedy create_completion from an empty cache; checks it made max_tokens tokens."""
-    llm.reset()  # no prefix reuse: the prompt is evaluated from scratch every time
+    """One greedy create_completion of depth + prompt, with the cache holding exactly `depth`
+    before it (untimed); checks that it reused depth and made max_tokens tokens."""
+    if depth:
+        # Not reset first: eval() keeps the depth already cached and recomputes its last token
+        # at most, where a reset would recompute all of it before every repetition.
+        llm.eval(depth)
+    else:
+        llm.reset()  # no prefix reuse: the prompt is evaluated from scratch every time
     t0 = time.perf_counter()
-    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, logit_bias=ban)
+    out = llm.create_completion(depth + prompt, max_tokens=max_tokens, temperature=0.0,
+                                logit_bias=ban)
     seconds = time.perf_counter() - t0
     made = out["usage"]["completion_tokens"]
     if made != max_tokens:
         raise RuntimeError(f"create_completion made {made} tokens, expected {max_tokens}")
+    if llm.last_eval.n_reused != len(depth):
+        raise RuntimeError(f"create_completion reused {llm.last_eval.n_reused} cached tokens, "
+                           f"expected the depth of {len(depth)}")
     return seconds
 
 
@@ -177,6 +199,7 @@ def completion_seconds(llm: Any, prompt: list[int], max_tokens: int,
 class Settings:
     n_prompt: int
     n_gen: int
+    n_depth: int
     reps: int
     n_ctx: int
     apis: tuple[str, ...]
@@ -185,15 +208,17 @@ class Settings:
 
 
 def make_record(info: ModelInfo, n_threads: int, isa: str, api: str, n_prompt: int,
-                n_gen: int, seconds: Sequence[float]) -> dict[str, Any]:
-    """One llama-bench-shaped record (its field names) for one test."""
+                n_gen: int, n_depth: int, seconds: Sequence[float]) -> dict[str, Any]:
+    """One llama-bench-shaped record (its field names) for one test; the depth's tokens are
+    not counted in t/s, as in llama-bench."""
     n_tokens = n_prompt + n_gen
     samples = [n_tokens / s for s in seconds]
     ns = [s * 1e9 for s in seconds]
     return {
         "model_filename": info.path, "model_type": info.model_type, "model_size": info.size,
         "model_n_params": info.n_params, "n_threads": n_threads, "n_prompt": n_prompt,
-        "n_gen": n_gen, "test_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "n_gen": n_gen, "n_depth": n_depth,
+        "test_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "avg_ns": round(statistics.fmean(ns)), "stddev_ns": round(_stdev(ns)),
         "avg_ts": statistics.fmean(samples), "stddev_ts": _stdev(samples),
         "samples_ns": [round(x) for x in ns], "samples_ts": samples,
@@ -216,18 +241,19 @@ def bench_engine(info: ModelInfo, n_threads: int, s: Settings,
     load_s = time.perf_counter() - t0
     after_load = memory_snapshot()
     n_vocab = info.config.n_vocab
+    d = s.n_depth
+    # Once: the tests write positions >= d only, so the depth stays valid across them.
+    fill_cache(model, rng.integers(0, n_vocab, d))
     records = []
     if s.n_prompt:
         prompt = rng.integers(0, n_vocab, s.n_prompt)
-        secs = repeat(partial(prefill_seconds, model, prompt), s.reps)
-        records.append(make_record(info, n_threads, model.isa, "model", s.n_prompt, 0, secs))
+        secs = repeat(partial(prefill_seconds, model, prompt, d), s.reps)
+        records.append(make_record(info, n_threads, model.isa, "model", s.n_prompt, 0, d, secs))
     if s.n_gen:
         gen = rng.integers(0, n_vocab, s.n_gen)
-        secs = repeat(partial(decode_seconds, model, gen), s.reps)
-        records.append(make_record(info, n_threads, model.isa, "model", 0, s.n_gen, secs))
-    fill = rng.integers(0, n_vocab, s.n_ctx)
-    for start in range(0, s.n_ctx, FILL_BATCH):
-        model.forward(fill[start : start + FILL_BATCH], start_pos=start)
+        secs = repeat(partial(decode_seconds, model, gen, d), s.reps)
+        records.append(make_record(info, n_threads, model.isa, "model", 0, s.n_gen, d, secs))
+    fill_cache(model, rng.integers(0, n_vocab, s.n_ctx))
     full = memory_snapshot()
     del model
     memory = {
@@ -249,20 +275,25 @@ def bench_api(info: ModelInfo, n_threads: int, s: Settings,
     gc.collect()
     peak_reset = reset_peak_rss()
     before = memory_snapshot()
-    llm = Llama(info.path, n_ctx=s.n_ctx, n_threads=n_threads, n_batch=max(s.n_prompt, 1))
+    # n_batch >= p: the prompt is one forward(), as in the engine test; the depth's batches
+    # are at least FILL_BATCH tokens.
+    llm = Llama(info.path, n_ctx=s.n_ctx, n_threads=n_threads,
+                n_batch=max(s.n_prompt, FILL_BATCH))
     after_load = memory_snapshot()
     ban = {tok: -math.inf for tok in llm.tokenizer_.eog_ids}
     n_vocab = info.config.n_vocab
     isa = llm.model.isa
+    d = s.n_depth
+    depth = rng.integers(0, n_vocab, d).tolist()
     records = []
     if s.n_prompt:
         prompt = rng.integers(0, n_vocab, s.n_prompt).tolist()
-        secs = repeat(partial(completion_seconds, llm, prompt, 1, ban), s.reps)
-        records.append(make_record(info, n_threads, isa, "llama", s.n_prompt, 0, secs))
+        secs = repeat(partial(completion_seconds, llm, depth, prompt, 1, ban), s.reps)
+        records.append(make_record(info, n_threads, isa, "llama", s.n_prompt, 0, d, secs))
     if s.n_gen:
         first = [int(rng.integers(0, n_vocab))]
-        secs = repeat(partial(completion_seconds, llm, first, s.n_gen, ban), s.reps)
-        records.append(make_record(info, n_threads, isa, "llama", 0, s.n_gen, secs))
+        secs = repeat(partial(completion_seconds, llm, depth, first, s.n_gen, ban), s.reps)
+        records.append(make_record(info, n_threads, isa, "llama", 0, s.n_gen, d, secs))
     memory = {"n_ctx": s.n_ctx, "load_s": llm.load_seconds, "rss_before_load": before["rss"],
               "rss_load": after_load["rss"], "peak_rss_load": after_load["peak_rss"],
               "peak_rss_reset": peak_reset}
@@ -274,8 +305,9 @@ def bandwidth_fields(info: ModelInfo, record: dict[str, Any], gbs: float) -> dic
     """The probe's figure and, for a decode record, the fraction of it that decode used."""
     fields: dict[str, Any] = {"bandwidth_gbs": gbs}
     if record["n_gen"]:
-        # Token i attends to i + 1 positions: on average (n + 1) / 2 over the test.
-        per_token = info.decode_weight_bytes + kv_bytes_at(info.config, (record["n_gen"] + 1) / 2)
+        # Token i attends to d + i + 1 positions: on average d + (n + 1) / 2 over the test.
+        n_pos = record["n_depth"] + (record["n_gen"] + 1) / 2
+        per_token = info.decode_weight_bytes + kv_bytes_at(info.config, n_pos)
         fields["bytes_per_token"] = round(per_token)
         fields["bandwidth_fraction"] = record["avg_ts"] * per_token / (gbs * 1e9)
     return fields
@@ -320,12 +352,18 @@ def _params_table_label(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def test_label(record: dict[str, Any]) -> str:
+    """llama-bench's name of a test: "pp512", "tg128", "tg128 @ d2000" at depth 2000."""
+    name = f"pp{record['n_prompt']}" if record["n_prompt"] else f"tg{record['n_gen']}"
+    return f"{name} @ d{record['n_depth']}" if record["n_depth"] else name
+
+
 def markdown(records: Sequence[dict[str, Any]]) -> str:
     """llama-bench's table (with api and isa columns), then load time, memory and bandwidth."""
     header = ["model", "size", "params", "api", "isa", "threads", "test", "t/s"]
     rows = [[r["model_type"], _bytes_label(r["model_size"]),
              _params_table_label(r["model_n_params"]), r["api"], r["isa"], str(r["n_threads"]),
-             f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}",
+             test_label(r),
              f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"] for r in records]
     out = [_table(header, rows, right_from=5)]
     seen = {}
@@ -406,9 +444,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="prompt tokens of the prefill test (0: no prefill test)")
     ap.add_argument("-n", "--n-gen", type=_non_negative, default=128,
                     help="generated tokens of the decode test (0: no decode test)")
+    ap.add_argument("-d", "--n-depth", type=_non_negative, default=0,
+                    help="tokens already in the cache before each test (default 0)")
     ap.add_argument("-r", "--repetitions", type=_non_negative, default=5)
     ap.add_argument("-c", "--n-ctx", type=_non_negative, default=0,
-                    help="context size; the memory figure fills it (default: p + n)")
+                    help="context size; the memory figure fills it (default: d + p + n)")
     ap.add_argument("-o", "--output", choices=("md", "json"), default="md")
     ap.add_argument("--api", type=_apis, default=APIS,
                     help="model (Model.forward), llama (Llama.create_completion) or both "
@@ -425,20 +465,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("nothing to measure: -p and -n are both 0")
     if args.bandwidth_mib < 1:
         ap.error("--bandwidth-mib must be at least 1")
+    if args.n_ctx and args.n_ctx < min_ctx(args):
+        ap.error(f"-c {args.n_ctx} is too small for -d {args.n_depth} / -p {args.n_prompt} / "
+                 f"-n {args.n_gen}: the tests need at least {min_ctx(args)} "
+                 "(d + the longer of p and n + 1)")
     return args
+
+
+def min_ctx(args: argparse.Namespace) -> int:
+    """The context every test fits: each runs alone after the depth, and the API's decode test
+    needs room for its 1-token prompt and n tokens."""
+    return args.n_depth + max(args.n_prompt, args.n_gen) + 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The API's decode test needs room for its 1-token prompt and n tokens; llama-bench's
-    # context is p + n.
-    n_ctx = args.n_ctx or max(args.n_prompt + args.n_gen, args.n_prompt + 1, args.n_gen + 1)
-    if n_ctx < max(args.n_prompt + 1, args.n_gen + 1):
-        print(f"{PROG}: error: -c {n_ctx} is too small for -p {args.n_prompt} / "
-              f"-n {args.n_gen}", file=sys.stderr)
-        return 2
-    settings = Settings(n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.repetitions,
-                        n_ctx=n_ctx, apis=args.api,
+    # llama-bench's context is d + p + n; with p or n 0 that leaves no room for the API's test.
+    n_ctx = args.n_ctx or max(args.n_depth + args.n_prompt + args.n_gen, min_ctx(args))
+    settings = Settings(n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
+                        reps=args.repetitions, n_ctx=n_ctx, apis=args.api,
                         bandwidth_bytes=args.bandwidth_mib << 20 if args.bandwidth else None,
                         seed=args.seed)
     threads = args.threads or [physical_cores()]

@@ -42,6 +42,24 @@ class Buffer {
   size_t size_ = 0;
 };
 
+// Float scratch for activations: allocated but not zeroed, so its pages become resident only
+// when a batch that large runs (a decode step touches a few KiB; a 512-token prefill all of it).
+class Scratch {
+ public:
+  void resize(size_t n) {
+    buf_ = Buffer(n * sizeof(float));
+    n_ = n;
+  }
+  float* data() { return reinterpret_cast<float*>(buf_.data()); }
+  const float* data() const { return reinterpret_cast<const float*>(buf_.data()); }
+  float& operator[](size_t i) { return data()[i]; }
+  size_t size() const { return n_; }
+
+ private:
+  Buffer buf_;
+  size_t n_ = 0;
+};
+
 // A weight matrix (rows, cols) in one GGML type, packed for the model's kernel table
 // (weight_layout.h); `stride` is the bytes of one GGML row.
 struct Matrix {
@@ -122,17 +140,17 @@ class Model {
   Buffer kv_k_, kv_v_;
 
   // Activations for one batch of up to kMaxBatch tokens, allocated once.
-  std::vector<float> x_;     // (batch, dim) residual stream
-  std::vector<float> xb_;    // (batch, dim) normed input of a sublayer
-  std::vector<float> q_;     // (batch, n_heads * head_dim)
-  std::vector<float> k_cur_; // (batch, n_kv_heads * head_dim)
-  std::vector<float> v_cur_; // (batch, n_kv_heads * head_dim)
-  std::vector<float> att_;   // (batch, n_heads * head_dim) attention output
-  std::vector<float> proj_;  // (batch, dim) output of attn_output / ffn_down
-  std::vector<float> gate_;  // (batch, ffn_dim)
-  std::vector<float> up_;    // (batch, ffn_dim)
-  Buffer act_q8_0_;          // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
-  Buffer act_q8_1_;          // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
+  Scratch x_;        // (batch, dim) residual stream
+  Scratch xb_;       // (batch, dim) normed input of a sublayer
+  Scratch q_;        // (batch, n_heads * head_dim)
+  Scratch k_cur_;    // (batch, n_kv_heads * head_dim)
+  Scratch v_cur_;    // (batch, n_kv_heads * head_dim)
+  Scratch att_;      // (batch, n_heads * head_dim) attention output
+  Scratch proj_;     // (batch, dim) output of attn_output / ffn_down
+  Scratch gate_;     // (batch, ffn_dim)
+  Scratch up_;       // (batch, ffn_dim)
+  Buffer act_q8_0_;  // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
+  Buffer act_q8_1_;  // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
   struct Chunk {  // a slice of rows of one matmul job: the unit of work of matmuls()
     const MatmulJob* job;
     int64_t r0, n_rows;
@@ -140,10 +158,10 @@ class Model {
   std::vector<Chunk> chunks_;
   // Attention scratch per thread: one task's queries (max_q, head_dim), their scores
   // (max_q, n_ctx) and outputs (max_q, head_dim); see Model::attention.
-  std::vector<float> attn_q_, scores_, attn_o_;
+  Scratch attn_q_, scores_, attn_o_;
   // Decoding splits each KV head's positions into parts (Model::attention): every part's
   // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (kv head, part).
-  std::vector<float> part_o_, part_log_sum_;
+  Scratch part_o_, part_log_sum_;
   std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
 };
 

@@ -15,12 +15,12 @@ of it for both engines (same bytes per token: the file's weights plus the KV cac
 
 -d (depth, default 0) runs every test after d tokens in the cache (alpaca-bench -d, tests named
 "tg128 @ d2000" as newer llama-bench's). The llama-bench this was written against (c392e509)
-has no -d, so its figures at depth are derived by difference from tests it does have, run in
-the same llama-bench call: pp<p> @ d<d> = p / (time(pp d+p) - time(pp d)), and
-tg<n> @ d<d> = n / (time(pg d,n) - time(pp d)), where pg d,n prefills d tokens and generates n.
-A difference of two measured means is noisier than either (the derived records have no
-stddev, and pp d+p splits its prefill into batches at other positions than a prefill at
-depth would); use more -r for a small p or n.
+has no -d, so llama.cpp's decode at depth comes from its llama-batched-bench (beside
+llama-bench, or --llama-batched-bench), which times n generated tokens after a d-token prompt
+directly (-npp d -ntg n -npl 1), run -r times, each in a fresh process. Prefill at depth has no
+direct llama.cpp test; it is derived by difference within one llama-bench call:
+pp<p> @ d<d> = p / (time(pp d+p) - time(pp d)). A difference of two measured means is noisier
+than either (the derived record has no stddev); use more -r for a small p.
 
 Everything goes to benchmarks/results/<name>.json. llama.cpp is not part of this project: this
 script never builds or downloads it; it runs the llama-bench binary you point it at.
@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,43 +64,79 @@ def llama_bench_cmd(binary: str, model: str, n_threads: int, a: argparse.Namespa
     d, p, n = a.n_depth, a.n_prompt, a.n_gen
     if not d:
         return [*cmd, "-p", str(p), "-n", str(n)]
-    # The tests at_depth() derives the figures at depth from (this llama-bench has no -d).
-    prompts = [d, d + p] if p else [d]
-    return [*cmd, "-p", ",".join(map(str, prompts)), "-n", "0",
-            *(["-pg", f"{d},{n}"] if n else [])]
+    # The tests prefill_at_depth() derives from; decode at depth is batched-bench's.
+    return [*cmd, "-p", f"{d},{d + p}", "-n", "0"]
 
 
-def at_depth(records: Sequence[dict[str, Any]], n_depth: int, n_prompt: int,
-             n_gen: int) -> list[dict[str, Any]]:
-    """llama.cpp's pp<p> @ d<d> and tg<n> @ d<d> records, from llama-bench's records of the
-    tests llama_bench_cmd asks for at depth d: the time of the d tokens' prefill is subtracted
-    from that of a test which starts with it."""
-    def find(pp: int, tg: int) -> dict[str, Any]:
-        found = [r for r in records if r["n_prompt"] == pp and r["n_gen"] == tg]
+def batched_bench_cmd(binary: str, model: str, n_threads: int, n_depth: int,
+                      n_gen: int) -> list[str]:
+    """One llama-batched-bench run: a prompt of n_depth tokens, then n_gen generated tokens."""
+    return [binary, "-m", model, "-t", str(n_threads), "-c", str(n_depth + n_gen + 16),
+            "-b", "2048", "-ub", "512", "-npp", str(n_depth), "-ntg", str(n_gen), "-npl", "1",
+            "--output-format", "jsonl"]
+
+
+def run_jsonl(cmd: list[str]) -> dict[str, Any]:
+    """Run llama-batched-bench; its one JSON line (a test of one prompt length) on stdout."""
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(lines) != 1:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode} and printed "
+                           f"{len(lines)} JSON lines:\n{tail}")
+    return json.loads(lines[0])
+
+
+def decode_at_depth(runs: Sequence[dict[str, Any]], model: str, n_depth: int) -> dict[str, Any]:
+    """llama.cpp's tg<n> @ d<d> record, llama-bench-shaped, from llama-batched-bench runs."""
+    samples = [r["speed_tg"] for r in runs]
+    ns = [r["t_tg"] * 1e9 for r in runs]
+    first = runs[0]
+    return {"model_filename": model, "n_threads": first["n_threads"], "n_prompt": 0,
+            "n_gen": first["tg"], "n_depth": n_depth, "avg_ns": statistics.fmean(ns),
+            "stddev_ns": statistics.stdev(ns) if len(ns) > 1 else 0.0,
+            "avg_ts": statistics.fmean(samples),
+            "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+            "samples_ts": samples, "source": "llama-batched-bench"}
+
+
+def prefill_at_depth(records: Sequence[dict[str, Any]], n_depth: int,
+                     n_prompt: int) -> dict[str, Any]:
+    """llama.cpp's pp<p> @ d<d> record, from llama-bench's pp d and pp d+p of the same call:
+    the time of the d tokens' prefill is subtracted from that of d + p tokens."""
+    def find(pp: int) -> dict[str, Any]:
+        found = [r for r in records if r["n_prompt"] == pp and r["n_gen"] == 0]
         if len(found) != 1:
-            raise RuntimeError(f"expected one llama-bench record with n_prompt {pp}, n_gen {tg}; "
+            raise RuntimeError(f"expected one llama-bench record with n_prompt {pp}, n_gen 0; "
                                f"got {len(found)}")
         return found[0]
 
-    base = find(n_depth, 0)
-    tests = []
-    if n_prompt:
-        tests.append((n_prompt, 0, find(n_depth + n_prompt, 0),
-                      f"time(pp {n_depth + n_prompt}) - time(pp {n_depth})"))
-    if n_gen:
-        tests.append((0, n_gen, find(n_depth, n_gen),
-                      f"time(pg {n_depth},{n_gen}) - time(pp {n_depth})"))
-    out = []
-    for pp, tg, whole, how in tests:
-        ns = whole["avg_ns"] - base["avg_ns"]
-        if ns <= 0:
-            raise RuntimeError(f"llama.cpp at depth {n_depth}: {how} = {ns} ns, not positive; "
-                               "the difference is lost in the noise (use a larger -p/-n or -r)")
-        measured = {k: v for k, v in whole.items() if not k.startswith(("avg_", "stddev_",
-                                                                          "samples_"))}
-        out.append({**measured, "n_prompt": pp, "n_gen": tg, "n_depth": n_depth, "avg_ns": ns,
-                    "stddev_ns": None, "avg_ts": (pp + tg) / (ns * 1e-9), "stddev_ts": None,
-                    "derived": how})
+    base, whole = find(n_depth), find(n_depth + n_prompt)
+    how = f"time(pp {n_depth + n_prompt}) - time(pp {n_depth})"
+    ns = whole["avg_ns"] - base["avg_ns"]
+    if ns <= 0:
+        raise RuntimeError(f"llama.cpp at depth {n_depth}: {how} = {ns} ns, not positive; "
+                           "the difference is lost in the noise (use a larger -p or -r)")
+    measured = {k: v for k, v in whole.items() if not k.startswith(("avg_", "stddev_", "samples_"))}
+    return {**measured, "n_prompt": n_prompt, "n_gen": 0, "n_depth": n_depth, "avg_ns": ns,
+            "stddev_ns": None, "avg_ts": n_prompt / (ns * 1e-9), "stddev_ts": None,
+            "derived": how}
+
+
+def llama_cpp_at_depth(a: argparse.Namespace, model: str, n_threads: int,
+                       log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """llama.cpp's records at depth a.n_depth: prefill derived, decode from batched-bench."""
+    out: list[dict[str, Any]] = []
+    if a.n_prompt:
+        raw = run_json(llama_bench_cmd(a.llama_bench, model, n_threads, a))
+        out += [*raw, prefill_at_depth(raw, a.n_depth, a.n_prompt)]
+    if a.n_gen:
+        cmd = batched_bench_cmd(a.llama_batched_bench, model, n_threads, a.n_depth, a.n_gen)
+        runs = []
+        for i in range(a.repetitions):
+            log(f"  llama-batched-bench run {i + 1}/{a.repetitions}")
+            runs.append(run_jsonl(cmd))
+        out.append(decode_at_depth(runs, model, a.n_depth))
     return out
 
 
@@ -183,6 +219,19 @@ def print_summary(summary: Sequence[dict[str, Any]]) -> None:
               f"{s['alpaca_ts']:.2f} | {s['llama_cpp_ts']:.2f} | {s['ratio']:.2f} | {bw} |")
 
 
+def run_side(who: str, model: str, n_threads: int, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The records of one side ("alpaca" or "llama.cpp") for one file and thread count."""
+    if who == "alpaca":
+        return run_json(alpaca_bench_cmd(model, n_threads, a))
+    if a.n_depth:
+        return llama_cpp_at_depth(a, model, n_threads, log)
+    return run_json(llama_bench_cmd(a.llama_bench, model, n_threads, a))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -199,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bandwidth-mib", type=int, default=1024)
     ap.add_argument("--llama-bench", default=DEFAULT_LLAMA_BENCH,
                     help=f"llama.cpp's llama-bench binary (default {DEFAULT_LLAMA_BENCH})")
+    ap.add_argument("--llama-batched-bench", default=None,
+                    help="llama.cpp's llama-batched-bench, for decode at depth (default: the "
+                         "one beside --llama-bench)")
     ap.add_argument("--name", default=time.strftime("compare-%Y%m%d-%H%M%S"),
                     help="results file name, without .json")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -209,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     if not os.access(a.llama_bench, os.X_OK):
         ap.error(f"--llama-bench {a.llama_bench} is not an executable file; build llama.cpp "
                  "yourself and point this at its llama-bench")
+    if a.llama_batched_bench is None:
+        a.llama_batched_bench = str(Path(a.llama_bench).with_name("llama-batched-bench"))
+    if a.n_depth and a.n_gen and not os.access(a.llama_batched_bench, os.X_OK):
+        ap.error(f"--llama-batched-bench {a.llama_batched_bench} is not an executable file; "
+                 "decode at depth needs it (cmake --build build --target llama-batched-bench)")
     missing = [m for m in a.model if not os.path.isfile(m)]
     if missing:
         ap.error(f"no such model file: {missing[0]}")
@@ -220,18 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(a.rounds):
             for model in a.model:
                 for n_threads in threads:
-                    jobs = [("llama.cpp", llama_bench_cmd(a.llama_bench, model, n_threads, a)),
-                            ("alpaca", alpaca_bench_cmd(model, n_threads, a))]
+                    sides = ["llama.cpp", "alpaca"]
                     if round_no % 2:
-                        jobs.reverse()
+                        sides.reverse()
                     got: dict[str, list[dict[str, Any]]] = {}
-                    for who, cmd in jobs:
-                        print(f"round {round_no + 1}/{a.rounds}: {who} {Path(model).name} "
-                              f"-t {n_threads}", file=sys.stderr, flush=True)
-                        got[who] = [{**r, "round": round_no} for r in run_json(cmd)]
-                    if a.n_depth:  # kept with the records they are derived from
-                        got["llama.cpp"] += at_depth(got["llama.cpp"], a.n_depth, a.n_prompt,
-                                                     a.n_gen)
+                    for who in sides:
+                        log(f"round {round_no + 1}/{a.rounds}: {who} {Path(model).name} "
+                            f"-t {n_threads}")
+                        got[who] = [{**r, "round": round_no}
+                                    for r in run_side(who, model, n_threads, a)]
                     theirs_all += got["llama.cpp"]
                     ours_all += got["alpaca"]
                     rows += ratios(got["alpaca"], got["llama.cpp"], round_no, model)
@@ -243,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "name": a.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(), "llama_bench": a.llama_bench,
-        "llama_cpp_build": sorted({str(r.get("build_commit")) for r in theirs_all}),
+        "llama_batched_bench": a.llama_batched_bench if a.n_depth else None,
+        "llama_cpp_build": sorted({str(r["build_commit"]) for r in theirs_all if "build_commit" in r}),
         "settings": {"models": a.model, "threads": threads, "n_prompt": a.n_prompt,
                      "n_gen": a.n_gen, "n_depth": a.n_depth, "repetitions": a.repetitions,
                      "rounds": a.rounds, "api": a.api, "bandwidth_mib": a.bandwidth_mib},

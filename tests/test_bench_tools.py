@@ -381,58 +381,64 @@ DERIVED_TS_RTOL = 1e-12
 
 
 def llama_bench_record(n_prompt: int, n_gen: int, avg_ns: int) -> dict[str, Any]:
-    """A record with the fields of llama-bench c392e509 -o json that at_depth() reads or keeps."""
+    """A record with the fields of llama-bench c392e509 -o json that prefill_at_depth() reads
+    or keeps."""
     return {"build_commit": "c392e509", "model_filename": "m.gguf", "model_type": "llama ?B Q4_0",
             "n_threads": 2, "n_prompt": n_prompt, "n_gen": n_gen, "avg_ns": avg_ns,
             "stddev_ns": 1000, "avg_ts": (n_prompt + n_gen) / (avg_ns * 1e-9), "stddev_ts": 0.5,
             "samples_ns": [avg_ns], "samples_ts": [1.0]}
 
 
-def test_compare_llama_bench_cmd_at_depth(compare: ModuleType) -> None:
+def test_compare_commands_at_depth(compare: ModuleType) -> None:
     a = argparse.Namespace(n_depth=1000, n_prompt=64, n_gen=32, repetitions=3)
     cmd = compare.llama_bench_cmd("llama-bench", "m.gguf", 2, a)
     assert cmd[cmd.index("-p") + 1] == "1000,1064" and cmd[cmd.index("-n") + 1] == "0"
-    assert cmd[cmd.index("-pg") + 1] == "1000,32"
+    assert "-pg" not in cmd
+    cmd = compare.batched_bench_cmd("llama-batched-bench", "m.gguf", 2, 1000, 32)
+    assert cmd[cmd.index("-npp") + 1] == "1000" and cmd[cmd.index("-ntg") + 1] == "32"
+    assert cmd[cmd.index("-npl") + 1] == "1" and int(cmd[cmd.index("-c") + 1]) >= 1032
     a.n_depth = 0
     cmd = compare.llama_bench_cmd("llama-bench", "m.gguf", 2, a)
     assert cmd[cmd.index("-p") + 1] == "64" and cmd[cmd.index("-n") + 1] == "32"
-    assert "-pg" not in cmd
 
 
-def test_compare_at_depth_derivation(compare: ModuleType) -> None:
-    d, p, n = 1000, 64, 32
-    theirs = [llama_bench_record(d, 0, 2_000_000_000), llama_bench_record(d + p, 0, 2_400_000_000),
-              llama_bench_record(d, n, 2_800_000_000)]
-    derived = compare.at_depth(theirs, d, p, n)
-    by_label = {compare.test_label(r): r for r in derived}
-    assert sorted(by_label) == ["pp64 @ d1000", "tg32 @ d1000"]
-    pp, tg = by_label["pp64 @ d1000"], by_label["tg32 @ d1000"]
+def test_compare_prefill_at_depth_derivation(compare: ModuleType) -> None:
+    d, p = 1000, 64
+    theirs = [llama_bench_record(d, 0, 2_000_000_000), llama_bench_record(d + p, 0, 2_400_000_000)]
+    pp = compare.prefill_at_depth(theirs, d, p)
+    assert compare.test_label(pp) == "pp64 @ d1000"
     assert (pp["n_prompt"], pp["n_gen"], pp["n_depth"]) == (p, 0, d)
-    assert (tg["n_prompt"], tg["n_gen"], tg["n_depth"]) == (0, n, d)
-    assert pp["avg_ns"] == 400_000_000 and tg["avg_ns"] == 800_000_000
+    assert pp["avg_ns"] == 400_000_000
     assert pp["avg_ts"] == pytest.approx(p / 0.4, rel=DERIVED_TS_RTOL)
-    assert tg["avg_ts"] == pytest.approx(n / 0.8, rel=DERIVED_TS_RTOL)
     assert pp["derived"] == "time(pp 1064) - time(pp 1000)"
-    assert tg["derived"] == "time(pg 1000,32) - time(pp 1000)"
-    for r in derived:
-        assert r["stddev_ts"] is None and r["stddev_ns"] is None
-        assert "samples_ns" not in r and "samples_ts" not in r
-        assert r["build_commit"] == "c392e509" and r["n_threads"] == 2
-    # The raw records keep their own names: none of them is taken for a test at depth.
-    assert [compare.test_label(r) for r in theirs] == ["pp1000", "pp1064", "pp1000+tg32"]
-    ours = [{"n_threads": 2, "api": "model", "isa": "avx2", "n_prompt": 0, "n_gen": n,
-             "n_depth": d, "avg_ts": 60.0}]
-    [row] = compare.ratios(ours, theirs + derived, 0, "m.gguf")
-    assert row["test"] == "tg32 @ d1000"
-    assert row["ratio"] == pytest.approx(60.0 / (n / 0.8), rel=DERIVED_TS_RTOL)
+    assert pp["stddev_ts"] is None and "samples_ts" not in pp
+    assert pp["build_commit"] == "c392e509" and pp["n_threads"] == 2
+    # The raw records keep their own names: neither is taken for the test at depth.
+    assert [compare.test_label(r) for r in theirs] == ["pp1000", "pp1064"]
+    ours = [{"n_threads": 2, "api": "model", "isa": "avx2", "n_prompt": p, "n_gen": 0,
+             "n_depth": d, "avg_ts": 300.0}]
+    [row] = compare.ratios(ours, [*theirs, pp], 0, "m.gguf")
+    assert row["test"] == "pp64 @ d1000"
+    assert row["ratio"] == pytest.approx(300.0 / (p / 0.4), rel=DERIVED_TS_RTOL)
 
 
-def test_compare_at_depth_refuses_noise(compare: ModuleType) -> None:
-    theirs = [llama_bench_record(100, 0, 5_000_000), llama_bench_record(100, 1, 4_900_000)]
+def test_compare_prefill_at_depth_refuses_noise(compare: ModuleType) -> None:
+    theirs = [llama_bench_record(100, 0, 5_000_000), llama_bench_record(101, 0, 4_900_000)]
     with pytest.raises(RuntimeError, match="not positive"):
-        compare.at_depth(theirs, 100, 0, 1)
-    with pytest.raises(RuntimeError, match="n_prompt 101, n_gen 0; got 0"):
-        compare.at_depth(theirs, 100, 1, 0)
+        compare.prefill_at_depth(theirs, 100, 1)
+    with pytest.raises(RuntimeError, match="n_prompt 102, n_gen 0; got 0"):
+        compare.prefill_at_depth(theirs, 100, 2)
+
+
+def test_compare_decode_at_depth_from_batched_bench(compare: ModuleType) -> None:
+    # llama-batched-bench --output-format jsonl lines (c392e509), fields it reads
+    runs = [{"n_threads": 2, "pp": 2000, "tg": 128, "pl": 1, "t_tg": t, "speed_tg": 128 / t}
+            for t in (2.0, 4.0)]
+    tg = compare.decode_at_depth(runs, "m.gguf", 2000)
+    assert compare.test_label(tg) == "tg128 @ d2000"
+    assert tg["avg_ts"] == pytest.approx((64 + 32) / 2, rel=DERIVED_TS_RTOL)
+    assert tg["samples_ts"] == [64.0, 32.0] and tg["stddev_ts"] > 0
+    assert tg["avg_ns"] == pytest.approx(3e9, rel=DERIVED_TS_RTOL)
 
 
 # ---- benchmarks/make_random_model.py ---------------------------------------------------------

@@ -20,6 +20,20 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+static inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_hadd_epi32(s, s);
+  s = _mm_hadd_epi32(s, s);
+  return _mm_cvtsi128_si32(s);
+}
+
 // Pins v's running value at this point of the program: GCC otherwise re-associates chains of
 // integer adds into trees whose partial sums outnumber the 16 registers and spill to the stack.
 static inline void keep_in_register(__m256i& v) { asm volatile("" : "+x"(v)); }
@@ -45,21 +59,12 @@ static inline float quantize_block_q8(const float* x, int8_t* qs, int* sum) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
     amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
   }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float d = _mm_cvtss_f32(m) / 127.0f;
+  const float d = hmax(amax) / 127.0f;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   const __m256 vid = _mm256_set1_ps(id);
   __m256i q[4];
   for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(round_half_away(_mm256_mul_ps(v[i], vid)));
-  if (sum) {
-    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    s4 = _mm_hadd_epi32(s4, s4);
-    s4 = _mm_hadd_epi32(s4, s4);
-    *sum = _mm_cvtsi128_si32(s4);
-  }
+  if (sum) *sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
   // int32 -> int16 -> int8; packs work within 128-bit lanes, so fix the order with a permute.
   __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
   __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
@@ -220,10 +225,7 @@ static float softmax_simd(float* x, int64_t n, float scale) {
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  float mx = -INFINITY;
-  for (float l : lanes) mx = std::max(mx, l);
+  float mx = hmax(vmax);
   for (int64_t j = i; j < n; j++) mx = std::max(mx, x[j] * scale);
   const __m256 vm = _mm256_set1_ps(mx);
   __m256 vsum = _mm256_setzero_ps();
@@ -243,6 +245,8 @@ static float softmax_simd(float* x, int64_t n, float scale) {
   return mx + std::log(sum);
 }
 
+#include "kernels_generic.inc"
+
 static void swiglu_simd(const float* gate, const float* up, float* out, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
   int64_t i = 0;
@@ -252,10 +256,8 @@ static void swiglu_simd(const float* gate, const float* up, float* out, int64_t 
     const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
   }
-  for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  swiglu(gate + i, up + i, out + i, n - i);  // the last n % 8
 }
-
-#include "kernels_generic.inc"
 
 // ---- GEMM on Panel8 weights (weight_layout.h): 8 rows x C tokens per pass ----------------
 // Each 32-byte load of a panel holds 4 consecutive weights of each of the 8 rows; multiplied
@@ -356,7 +358,6 @@ template <int C>
 static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
                        const int32_t*, float* out, int64_t out_stride, int nr) {
   constexpr size_t kBlock = kPanelRows * sizeof(block_q8_0);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[C];
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
@@ -370,10 +371,8 @@ static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     }
     for (int j = 0; j < 8; j++) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 2 * kPanelRows + 32 * j));
-      const __m256i av = _mm256_sign_epi8(v, v);
       for (int c = 0; c < C; c++) {
-        const __m256i x = _mm256_sign_epi8(bcast4(ab[c]->qs + 4 * j), v);
-        isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
+        isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(v, bcast4(ab[c]->qs + 4 * j)));
         keep_in_register(isum[c]);
       }
     }
@@ -408,16 +407,12 @@ static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size
 // 8 * (sum of the 32 int8 of each Q8_0 block) for n_tok rows of nb blocks.
 static void block_sums8(int64_t nb, const uint8_t* act, size_t act_stride, int64_t n_tok,
                         int32_t* sums8) {
-  const __m256i ones8 = _mm256_set1_epi8(1), eights = _mm256_set1_epi16(8);
+  const __m256i ones8 = _mm256_set1_epi8(1);
   for (int64_t t = 0; t < n_tok; t++) {
     const auto* ab = reinterpret_cast<const block_q8_0*>(act + t * act_stride);
     for (int64_t b = 0; b < nb; b++) {
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab[b].qs));
-      const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q), eights);
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-      s4 = _mm_hadd_epi32(s4, s4);
-      s4 = _mm_hadd_epi32(s4, s4);
-      sums8[t * nb + b] = _mm_cvtsi128_si32(s4);
+      sums8[t * nb + b] = 8 * hsum_epi32(dot_u8_i8(ones8, q));
     }
   }
 }
@@ -480,19 +475,21 @@ static void gemm_float(int64_t n, const uint8_t* w, size_t w_stride, int64_t n_r
   }
 }
 
-// mix_rows for F16 rows: K vectors (8K columns) x C queries of accumulators; each converted
-// row vector serves the C queries.
-template <int K, int C>
-static void mix_tile_f16(int64_t n_pos, const uint8_t* v, size_t v_stride, const float* w,
-                         int64_t w_stride, float* out, int64_t out_stride) {
+// mix_rows for F16 or F32 rows: K vectors (8K columns) x C queries of accumulators; each
+// row vector (converted once when F16) serves the C queries.
+template <int K, int C, bool kF16>
+static void mix_tile(int64_t n_pos, const uint8_t* v, size_t v_stride, const float* w,
+                     int64_t w_stride, float* out, int64_t out_stride) {
   __m256 acc[C][K];
   for (int c = 0; c < C; c++)
     for (int k = 0; k < K; k++) acc[c][k] = _mm256_setzero_ps();
   for (int64_t p = 0; p < n_pos; p++) {
-    const auto* vp = reinterpret_cast<const fp16_t*>(v + size_t(p) * v_stride);
+    const uint8_t* row = v + size_t(p) * v_stride;
     __m256 vv[K];
     for (int k = 0; k < K; k++)
-      vv[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp + 8 * k)));
+      vv[k] = kF16 ? _mm256_cvtph_ps(_mm_loadu_si128(
+                         reinterpret_cast<const __m128i*>(reinterpret_cast<const fp16_t*>(row) + 8 * k)))
+                   : _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * k);
     for (int c = 0; c < C; c++) {
       const __m256 a = _mm256_broadcast_ss(w + c * w_stride + p);
       for (int k = 0; k < K; k++) acc[c][k] = _mm256_fmadd_ps(a, vv[k], acc[c][k]);
@@ -502,30 +499,33 @@ static void mix_tile_f16(int64_t n_pos, const uint8_t* v, size_t v_stride, const
     for (int k = 0; k < K; k++) _mm256_storeu_ps(out + c * out_stride + 8 * k, acc[c][k]);
 }
 
-static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_stride, int64_t n_pos,
-                          const float* w, int64_t w_stride, int64_t n_q, float* out,
-                          int64_t out_stride) {
-  if (vtype != GgmlType::F16) return mix_rows(vtype, n, v, v_stride, n_pos, w, w_stride, n_q, out, out_stride);
+template <bool kF16>
+static void mix_rows_typed(int64_t n, const uint8_t* v, size_t v_stride, int64_t n_pos,
+                           const float* w, int64_t w_stride, int64_t n_q, float* out,
+                           int64_t out_stride) {
   using MixFn = void (*)(int64_t, const uint8_t*, size_t, const float*, int64_t, float*, int64_t);
-  static const MixFn wide[3] = {mix_tile_f16<4, 1>, mix_tile_f16<4, 2>, mix_tile_f16<4, 3>};
-  static const MixFn narrow[3] = {mix_tile_f16<1, 1>, mix_tile_f16<1, 2>, mix_tile_f16<1, 3>};
-  const auto* vb = static_cast<const uint8_t*>(v);
+  static const MixFn wide[3] = {mix_tile<4, 1, kF16>, mix_tile<4, 2, kF16>, mix_tile<4, 3, kF16>};
+  static const MixFn narrow[3] = {mix_tile<1, 1, kF16>, mix_tile<1, 2, kF16>, mix_tile<1, 3, kF16>};
+  constexpr size_t eb = kF16 ? 2 : 4;
   for (int64_t q = 0; q < n_q; q += 3) {
     const int nq = int(std::min<int64_t>(3, n_q - q));
     const float* wq = w + q * w_stride;
     float* oq = out + q * out_stride;
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) wide[nq - 1](n_pos, vb + 2 * i, v_stride, wq, w_stride, oq + i, out_stride);
-    for (; i + 8 <= n; i += 8) narrow[nq - 1](n_pos, vb + 2 * i, v_stride, wq, w_stride, oq + i, out_stride);
-    for (int c = 0; c < nq; c++) {  // columns left over (head sizes not a multiple of 8)
-      for (int64_t j = i; j < n; j++) {
-        float acc = 0.0f;
-        for (int64_t p = 0; p < n_pos; p++)
-          acc += wq[c * w_stride + p] * fp16_scalar(reinterpret_cast<const fp16_t*>(vb + size_t(p) * v_stride)[j]);
-        oq[c * out_stride + j] = acc;
-      }
-    }
+    for (; i + 32 <= n; i += 32) wide[nq - 1](n_pos, v + eb * i, v_stride, wq, w_stride, oq + i, out_stride);
+    for (; i + 8 <= n; i += 8) narrow[nq - 1](n_pos, v + eb * i, v_stride, wq, w_stride, oq + i, out_stride);
+    if (i < n)  // columns left over (head sizes not a multiple of 8): the generic kernel
+      mix_rows(kF16 ? GgmlType::F16 : GgmlType::F32, n - i, v + eb * i, v_stride, n_pos, wq,
+               w_stride, nq, oq + i, out_stride);
   }
+}
+
+static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_stride, int64_t n_pos,
+                          const float* w, int64_t w_stride, int64_t n_q, float* out,
+                          int64_t out_stride) {
+  const auto* vb = static_cast<const uint8_t*>(v);
+  if (vtype == GgmlType::F16) return mix_rows_typed<true>(n, vb, v_stride, n_pos, w, w_stride, n_q, out, out_stride);
+  return mix_rows_typed<false>(n, vb, v_stride, n_pos, w, w_stride, n_q, out, out_stride);
 }
 
 static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,

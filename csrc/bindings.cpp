@@ -118,8 +118,16 @@ static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int6
   const KernelTable* k = table(isa);
   std::vector<uint8_t> packed(k->packed_bytes(t, n_rows, cols));
   k->pack(t, w.data(), n_rows, cols, packed.data());
-  k->gemm(t, cols, packed.data(), w.shape(1), n_rows, act.data(), act.shape(1) * act.itemsize(),
-          n_tok, out.mutable_data(), n_rows);
+  const size_t act_stride = size_t(act.shape(1) * act.itemsize());
+  std::vector<int32_t> sums;  // what Model::matmuls makes next to the Q8_0 activations
+  if (at == GgmlType::Q8_0) {
+    sums.resize(size_t(n_tok * (cols / QK)));
+    for (int64_t i = 0; i < n_tok; i++)
+      q8_0_block_sums(reinterpret_cast<const block_q8_0*>(static_cast<const uint8_t*>(act.data()) + i * act_stride),
+                      cols / QK, sums.data() + i * (cols / QK));
+  }
+  k->gemm(t, cols, packed.data(), w.shape(1), n_rows, act.data(), act_stride,
+          sums.empty() ? nullptr : sums.data(), n_tok, out.mutable_data(), n_rows);
   return out;
 }
 

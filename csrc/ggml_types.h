@@ -32,6 +32,16 @@ struct block_q8_0 {          // 32 weights: x = d * q, q in [-127, 127]
 };
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match GGML");
 
+// The sum of each block's 32 ints for nb Q8_0 blocks: with it, a Q4_0 dot product
+// d_w * d_a * sum((q - 8) * a) becomes d_w * d_a * (sum(q * a) - 8 * sum(a)) (see gemm).
+inline void q8_0_block_sums(const block_q8_0* blocks, int64_t nb, int32_t* sums) {
+  for (int64_t b = 0; b < nb; b++) {
+    int32_t s = 0;
+    for (int i = 0; i < QK; i++) s += blocks[b].qs[i];
+    sums[b] = s;
+  }
+}
+
 struct block_q8_1 {          // activations for Q4_1 weights: x = d * q; s = d * sum(q)
   fp16_t d;
   fp16_t s;

@@ -52,9 +52,12 @@ struct KernelTable {
   //     for r < n_rows, t < n_tok. w is this table's packed matrix (see pack) from a row that
   //     is a multiple of kPanelRows, w_stride its GGML row bytes; act is already in the
   //     pairing format (q4_0/q8_0, q4_1/q8_1, q8_0/q8_0, f16/f32, f32/f32), rows act_stride
-  //     bytes apart.
+  //     bytes apart. act_sums: for Q4_0 weights, q8_0_block_sums of every act row (n_tok rows
+  //     of n / 32), made once per matmul by the caller; kernels that do not need them ignore
+  //     them (null is allowed for every other weight type).
   void (*gemm)(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
-               const void* act, size_t act_stride, int64_t n_tok, float* out, int64_t out_stride);
+               const void* act, size_t act_stride, const int32_t* act_sums, int64_t n_tok,
+               float* out, int64_t out_stride);
 
   // --- attention's second product: out[q * out_stride + i] = sum_p w[q * w_stride + p] * v_p[i]
   //     for q < n_q, i < n, p < n_pos; rows v_p (F16 or F32: vtype) v_stride bytes apart ---

@@ -300,11 +300,11 @@ static inline void store_panel(const __m256* acc, float* out, int64_t out_stride
 // Q4 weights (unsigned nibbles q) against 8-bit activations a, per block:
 //   Q4_1 (x = d*q + m, Q8_1 activations): d_w*d_a*sum(q*a) + m_w*s_a
 //   Q4_0 (x = d*(q-8), Q8_0 activations): d_w*d_a*(sum(q*a) - 8*sum(a)), the correction exact
-//        in integers from `sums8` (8*sum(a) per token and block, nb apart; see gemm_simd).
+//        in integers from `sums` (sum(a) per token and block, nb apart: gemm's act_sums).
 // int16 lanes hold 16 products of q <= 15 and |a| <= 128 each: at most 30720.
 template <int C, bool kQ4_1>
 static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                     const int32_t* sums8, float* out, int64_t out_stride, int nr) {
+                     const int32_t* sums, float* out, int64_t out_stride, int nr) {
   using ActBlock = std::conditional_t<kQ4_1, block_q8_1, block_q8_0>;
   constexpr size_t kBlock = kPanelRows * (kQ4_1 ? sizeof(block_q4_1) : sizeof(block_q4_0));
   constexpr size_t kScales = kPanelRows * (kQ4_1 ? 4 : 2);
@@ -333,7 +333,7 @@ static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t ac
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
     for (int c = 0; c < C; c++) {
       __m256i dot = _mm256_madd_epi16(isum[c], ones);
-      if constexpr (!kQ4_1) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(sums8[c * nb + b]));
+      if constexpr (!kQ4_1) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * sums[c * nb + b]));
       // The same operations in the same order for any C: a token's result does not depend on
       // how many tokens share the pass (prefill equals token-by-token decode).
       acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))),
@@ -389,30 +389,17 @@ using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, const 
                          int64_t, int);
 
 // Panels outer (a panel's weights stay in cache), tokens inner in groups of 4 (each unpacked
-// weight vector serves 4 tokens), then the 1-3 left. sums8: (n_tok, nb) or null.
+// weight vector serves 4 tokens), then the 1-3 left. sums: (n_tok, nb) or null.
 static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size_t w_stride,
                         int64_t n_rows, const uint8_t* act, size_t act_stride,
-                        const int32_t* sums8, int64_t n_tok, float* out, int64_t out_stride) {
+                        const int32_t* sums, int64_t n_tok, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < n_rows; r += kPanelRows) {
     const int nr = int(std::min<int64_t>(kPanelRows, n_rows - r));
     const uint8_t* wp = w + size_t(r) * w_stride;
     for (int64_t t = 0; t < n_tok; t += 4) {
       const int nt = int(std::min<int64_t>(4, n_tok - t));
-      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, sums8 ? sums8 + t * nb : nullptr,
+      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, sums ? sums + t * nb : nullptr,
                   out + t * out_stride + r, out_stride, nr);
-    }
-  }
-}
-
-// 8 * (sum of the 32 int8 of each Q8_0 block) for n_tok rows of nb blocks.
-static void block_sums8(int64_t nb, const uint8_t* act, size_t act_stride, int64_t n_tok,
-                        int32_t* sums8) {
-  const __m256i ones8 = _mm256_set1_epi8(1);
-  for (int64_t t = 0; t < n_tok; t++) {
-    const auto* ab = reinterpret_cast<const block_q8_0*>(act + t * act_stride);
-    for (int64_t b = 0; b < nb; b++) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab[b].qs));
-      sums8[t * nb + b] = 8 * hsum_epi32(dot_u8_i8(ones8, q));
     }
   }
 }
@@ -529,8 +516,8 @@ static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_str
 }
 
 static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
-                      const void* act, size_t act_stride, int64_t n_tok, float* out,
-                      int64_t out_stride) {
+                      const void* act, size_t act_stride, const int32_t* act_sums, int64_t n_tok,
+                      float* out, int64_t out_stride) {
   static const PanelFn q4_1[4] = {panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>,
                                   panel_q4<4, true>};
   static const PanelFn q4_0[4] = {panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>,
@@ -542,13 +529,9 @@ static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride,
   switch (wtype) {
     case GgmlType::Q4_1:
       return gemm_panels(q4_1, nb, wb, w_stride, n_rows, ab, act_stride, nullptr, n_tok, out, out_stride);
-    case GgmlType::Q4_0: {
-      thread_local std::vector<int32_t> sums8;  // computed once per call, used by every panel
-      sums8.resize(size_t(n_tok * nb));
-      block_sums8(nb, ab, act_stride, n_tok, sums8.data());
-      return gemm_panels(q4_0, nb, wb, w_stride, n_rows, ab, act_stride, sums8.data(), n_tok, out,
+    case GgmlType::Q4_0:
+      return gemm_panels(q4_0, nb, wb, w_stride, n_rows, ab, act_stride, act_sums, n_tok, out,
                          out_stride);
-    }
     case GgmlType::Q8_0:
       return gemm_panels(q8_0, nb, wb, w_stride, n_rows, ab, act_stride, nullptr, n_tok, out, out_stride);
     case GgmlType::F16:
@@ -556,7 +539,7 @@ static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride,
     case GgmlType::F32:
       return gemm_float<false>(n, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
     default:
-      return gemm(wtype, n, w, w_stride, n_rows, act, act_stride, n_tok, out, out_stride);
+      return gemm(wtype, n, w, w_stride, n_rows, act, act_stride, act_sums, n_tok, out, out_stride);
   }
 }
 

@@ -148,6 +148,7 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   const int64_t widest = std::max({hp.dim, hp.ffn_dim, q_dim});
   act_q8_0_ = Buffer(B * row_bytes(GgmlType::Q8_0, widest));
   act_q8_1_ = Buffer(B * row_bytes(GgmlType::Q8_1, widest));
+  act_sums_.resize(size_t(B * (widest / QK)));
   const int64_t max_q = tokens_per_attention_task(hp.n_heads / hp.n_kv_heads) * (hp.n_heads / hp.n_kv_heads);
   scores_.resize(size_t(pool_.size()) * max_q * n_ctx);
   attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
@@ -173,19 +174,24 @@ void Model::embed(int32_t token, float* out) {
 void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
                     std::initializer_list<MatmulJob> jobs) {
   const int64_t cols = jobs.begin()->w->cols;
-  bool need_q8_0 = false, need_q8_1 = false;
+  bool need_q8_0 = false, need_q8_1 = false, need_sums = false;
   for (const auto& j : jobs) {
     need_q8_0 |= j.w->type == GgmlType::Q4_0 || j.w->type == GgmlType::Q8_0;
+    need_sums |= j.w->type == GgmlType::Q4_0;
     need_q8_1 |= j.w->type == GgmlType::Q4_1;
   }
   const size_t q8_0_stride = row_bytes(GgmlType::Q8_0, cols);
   const size_t q8_1_stride = row_bytes(GgmlType::Q8_1, cols);
-  // Quantize the activations once per format, one token per task.
+  const int64_t nb = cols / QK;
+  // Quantize the activations once per format, one token per task (with the Q8_0 block sums
+  // the Q4_0 kernels use).
   if (need_q8_0 || need_q8_1) {
     pool_.parallel_for(n_tok, [&](int64_t t, int) {
-      if (need_q8_0)
-        k_->quantize_row_q8_0(x + t * x_stride,
-                              reinterpret_cast<block_q8_0*>(act_q8_0_.data() + t * q8_0_stride), cols);
+      if (need_q8_0) {
+        auto* blocks = reinterpret_cast<block_q8_0*>(act_q8_0_.data() + t * q8_0_stride);
+        k_->quantize_row_q8_0(x + t * x_stride, blocks, cols);
+        if (need_sums) q8_0_block_sums(blocks, nb, act_sums_.data() + t * nb);
+      }
       if (need_q8_1)
         k_->quantize_row_q8_1(x + t * x_stride,
                               reinterpret_cast<block_q8_1*>(act_q8_1_.data() + t * q8_1_stride), cols);
@@ -220,7 +226,7 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
       act = x; act_stride = size_t(x_stride) * 4;
     }
     k_->gemm(w.type, w.cols, w.data.data() + size_t(r0) * w.stride, w.stride, nr, act,
-             act_stride, n_tok, j.out + r0, j.out_stride);
+             act_stride, act_sums_.data(), n_tok, j.out + r0, j.out_stride);
   });
 }
 
@@ -285,7 +291,8 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
       std::memcpy(qbuf + t * group * hd, q_.data() + (t0 + t) * q_dim + g * group * hd,
                   size_t(group * hd) * sizeof(float));
     if (kv_f16_) round_to_f16(qbuf, n_q * hd);
-    if (len > 0) k_->gemm(kv_type, hd, kbase, hd * eb, len, qbuf, hd * sizeof(float), n_q, scores, n_ctx_);
+    if (len > 0)
+      k_->gemm(kv_type, hd, kbase, hd * eb, len, qbuf, hd * sizeof(float), nullptr, n_q, scores, n_ctx_);
     for (int64_t i = 0; i < n_q; i++) {
       float* sc = scores + i * n_ctx_;
       // causal: query i sees positions 0..its own, of which `seen` fall in this part

@@ -151,6 +151,7 @@ class Model {
   Scratch up_;       // (batch, ffn_dim)
   Buffer act_q8_0_;  // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
   Buffer act_q8_1_;  // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
+  std::vector<int32_t> act_sums_;  // (batch, blocks) q8_0_block_sums of act_q8_0_
   struct Chunk {  // a slice of rows of one matmul job: the unit of work of matmuls()
     const MatmulJob* job;
     int64_t r0, n_rows;

@@ -23,23 +23,17 @@ from .chat_format import get_chat_formatter
 from .model import Model
 from .sampling import SamplingParams, sample, token_logprobs
 from .stop_strings import StopStringFilter
-from .tokenizer import StreamingDecoder, Tokenizer
+from .tokenizer import StreamingDecoder, Tokenizer, check_unicode
 
 MAX_TOKENS_LIMIT = 1 << 31  # beyond this a max_tokens value is a mistake, not a request
 
 
-def _check_text(text: str, what: str) -> None:
-    """Refuse text the tokenizer cannot take as meant: NUL characters (C strings end there,
-    so they are usually an injection or a bug) and lone surrogates (not valid Unicode: they
-    have no UTF-8 encoding)."""
+def _check_nul(text: str, what: str) -> None:
+    """Refuse NUL characters (C strings end there, so they are usually an injection or a bug).
+    Lone surrogates are refused by check_unicode, which Tokenizer.encode runs too."""
     nul = text.find("\x00")
     if nul >= 0:
         raise ValueError(f"{what} contains a NUL character at index {nul}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid Unicode: U+{ord(text[e.start]):04X} at index "
-                         f"{e.start} ({e.reason})") from None
 
 
 def _check_seed(seed: object) -> None:
@@ -191,16 +185,28 @@ class Llama:
             raise ValueError(f"token ids must be a sequence of integers, got "  # noqa: TRY004
                              f"{type(tokens).__name__}")
         n_vocab = self.n_vocab()
-        out = []
+        out: list[int] | None = None
+        if isinstance(tokens, np.ndarray):
+            if tokens.ndim == 1 and tokens.dtype.kind in "iu":
+                out = tokens.tolist()
+        elif set(map(type, tokens)) <= {int}:  # plain ints, the usual case (a bool is no int)
+            out = list(tokens)
+        if out is not None and (not out or (0 <= min(out) and max(out) < n_vocab)):
+            return self._check_len(out, max_len)
+        out = []  # the slow way, which names the first bad item
         for i, t in enumerate(tokens):
             if isinstance(t, bool) or not isinstance(t, Integral):
                 raise ValueError(f"token ids must be integers; item {i} is {t!r}")  # noqa: TRY004
             if not 0 <= t < n_vocab:
                 raise ValueError(f"token id {t} at index {i} is outside [0, {n_vocab})")
             out.append(int(t))
-        if max_len is not None and len(out) > max_len:
-            raise ValueError(f"{len(out)} tokens do not fit the context of {max_len}")
-        return out
+        return self._check_len(out, max_len)
+
+    @staticmethod
+    def _check_len(ids: list[int], max_len: int | None) -> list[int]:
+        if max_len is not None and len(ids) > max_len:
+            raise ValueError(f"{len(ids)} tokens do not fit the context of {max_len}")
+        return ids
 
     # ---- evaluation ----------------------------------------------------------------------
 
@@ -276,12 +282,16 @@ class Llama:
                                 presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         params.validate(self.n_vocab())
-        _check_seed(seed)
+        rng = self._rng_for(seed)
         ids = self._check_ids(tokens, self.n_ctx())
         if not ids:
             raise ValueError("cannot generate after an empty list of tokens")
-        rng = np.random.default_rng(seed) if seed is not None else self._rng
         return self._token_ids(self._generate(ids, params, rng, context_shift, n_keep))
+
+    def _rng_for(self, seed: int | None) -> np.random.Generator:
+        """The generator a call samples with: its own for a seed, else this object's."""
+        _check_seed(seed)
+        return np.random.default_rng(seed) if seed is not None else self._rng
 
     @staticmethod
     def _token_ids(steps: Iterator[tuple[int, np.ndarray]]) -> Iterator[int]:
@@ -322,8 +332,9 @@ class Llama:
                 self._turn.release()
 
     def _completion_events(self, prompt_tokens: list[int], max_tokens: int | None,
-                           params: dict[str, Any], stop: Sequence[str], logprobs: int | None,
-                           context_shift: bool, n_keep: int) -> Iterator[dict[str, Any]]:
+                           params: SamplingParams, rng: np.random.Generator,
+                           stop: Sequence[str], logprobs: int | None, context_shift: bool,
+                           n_keep: int) -> Iterator[dict[str, Any]]:
         """Text deltas of a completion: {'text', 'tokens', 'logprobs'} and a final
         {'finish_reason', 'n_completion'}. Text never contains part of a stop string."""
         decoder = StreamingDecoder(self.tokenizer_, from_start=False)
@@ -332,10 +343,7 @@ class Llama:
         finish = "length"
         limit = max_tokens if max_tokens is not None else (1 << 62)
         if limit > 0:
-            seed = params.pop("seed")
-            rng = np.random.default_rng(seed) if seed is not None else self._rng
-            gen = self._generate(prompt_tokens, SamplingParams(**params), rng, context_shift,
-                                 n_keep)
+            gen = self._generate(prompt_tokens, params, rng, context_shift, n_keep)
             try:
                 for tok, logits in gen:
                     if self.tokenizer_.is_eog(tok):
@@ -398,8 +406,8 @@ class Llama:
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            _check_text(prompt, "the prompt")
-            tokens = self.tokenizer_.encode(prompt, special=True)
+            _check_nul(prompt, "the prompt")
+            tokens = self.tokenizer_.encode(prompt, special=True, what="the prompt")
         elif isinstance(prompt, (bytes, bytearray)):  # a Sequence[int], but surely meant as text
             raise ValueError("the prompt must be a str or a list of token ids, not bytes "  # noqa: TRY004
                              "(decode it first)")
@@ -427,25 +435,24 @@ class Llama:
         context (which, with context_shift=True, is shifted instead).
         """
         stops = self._check_common(max_tokens, logprobs, stop)
-        _check_seed(seed)
+        rng = self._rng_for(seed)
         tokens = self._prompt_tokens(prompt)
-        params: dict[str, Any] = {
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-            "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
-            "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
-            "logit_bias": logit_bias}
-        SamplingParams(**params).validate(self.n_vocab())
-        params["seed"] = seed
-        prompt_text = (prompt if isinstance(prompt, str)
-                       else self.detokenize(tokens).decode("utf-8", "replace"))
-        events = self._completion_events(tokens, max_tokens, params, stops, logprobs,
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+        params.validate(self.n_vocab())
+        echo_text = ""
+        if echo:
+            echo_text = (prompt if isinstance(prompt, str)
+                         else self.detokenize(tokens).decode("utf-8", "replace"))
+        events = self._completion_events(tokens, max_tokens, params, rng, stops, logprobs,
                                          context_shift, n_keep)
         meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model_path}
         if stream:
-            return self._stream_completion(meta, events, prompt_text if echo else "", logprobs)
-        return self._collect_completion(meta, events, tokens, prompt_text if echo else "",
-                                        logprobs)
+            return self._stream_completion(meta, events, echo_text, logprobs)
+        return self._collect_completion(meta, events, tokens, echo_text, logprobs)
 
     __call__ = create_completion
 
@@ -518,8 +525,9 @@ class Llama:
                     or not isinstance(m.get("content"), str):
                 raise ValueError(  # noqa: TRY004
                     f"messages[{i}] must be a dict with string 'role' and 'content'")
-            _check_text(m["role"], f"messages[{i}]['role']")
-            _check_text(m["content"], f"messages[{i}]['content']")
+            for field in ("role", "content"):
+                _check_nul(m[field], f"messages[{i}][{field!r}]")
+                check_unicode(m[field], f"messages[{i}][{field!r}]")
         text = self._chat.render(messages, add_generation_prompt=add_generation_prompt)
         bos = self.tokenizer_.bos_id
         starts_with_bos = bos is not None and text.startswith(self.tokenizer_.tokens[bos])
@@ -598,11 +606,22 @@ class Llama:
             if logits.shape != (self.n_vocab(),):
                 raise ValueError(f"the state's logits have shape {logits.shape}, expected "
                                  f"({self.n_vocab()},)")
+        rng = type(self._rng.bit_generator)()  # check the RNG state on a scratch generator
+        try:
+            rng.state = state.rng_state
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise ValueError(f"the state's rng_state is not a {type(rng).__name__} state: "
+                             f"{e}") from None
         with self._lock:
+            before = self._tokens, self._logits
             # The cache is unknown while it is overwritten (see the invariants in __init__).
             self._logits = None
             self._tokens = []
-            self._model.load_kv(state.kv, len(tokens))
+            try:
+                self._model.load_kv(state.kv, len(tokens))
+            except ValueError:  # refused before anything was written: the cache is unchanged
+                self._tokens, self._logits = before
+                raise
             self._tokens = tokens
             self._logits = logits
-            self._rng.bit_generator.state = state.rng_state
+            self._rng.bit_generator.state = rng.state

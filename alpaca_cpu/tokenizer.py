@@ -248,7 +248,8 @@ class Tokenizer:
     # ---- encoding -------------------------------------------------------------------------
 
     def encode(
-        self, text: str | bytes, add_bos: bool | None = None, special: bool = False
+        self, text: str | bytes, add_bos: bool | None = None, special: bool = False, *,
+        what: str = "text",
     ) -> list[int]:
         """Token ids of `text` (str, or UTF-8 bytes; malformed bytes are handled as llama.cpp does).
 
@@ -257,6 +258,7 @@ class Tokenizer:
             add_bos is False (llama.cpp's add_special).
         special: control tokens written in the text (such as "<|im_start|>") become their ids;
             otherwise they are tokenized as plain text. User-defined tokens always match.
+        what: how the ValueError for a str that is not valid Unicode names the text.
         """
         if isinstance(text, (bytes, bytearray, memoryview)):
             data = bytes(text)
@@ -267,11 +269,7 @@ class Tokenizer:
         elif not isinstance(text, str):
             raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
         else:
-            try:  # lone surrogates (undecodable argv/stdin, JSON "\udcff") are not text
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"text is not valid Unicode: {text[e.start]!r} at index "
-                                 f"{e.start} is a lone surrogate") from None
+            check_unicode(text, what)
 
         out: list[int] = []
         if add_bos or (add_bos is None and self.add_bos):
@@ -386,6 +384,16 @@ class StreamingDecoder:
     def flush(self) -> str:
         """What is left at the end: an unfinished character becomes U+FFFD."""
         return self._utf8.decode(b"", final=True)
+
+
+def check_unicode(text: str, what: str = "text") -> None:
+    """ValueError, naming `what`, unless `text` is valid Unicode: lone surrogates (undecodable
+    argv/stdin, JSON "\\udcff") are not text and have no UTF-8 encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: U+{ord(text[e.start]):04X} at index "
+                         f"{e.start} is a lone surrogate") from None
 
 
 def _detect_by_text(

@@ -180,6 +180,40 @@ def test_save_and_load_state(smollm2_path) -> None:
     assert a == b
 
 
+@pytest.mark.parametrize("rng_state", [
+    {"bit_generator": "MT19937", "state": {"key": [0] * 624, "pos": 0}},  # another generator's
+    {"bit_generator": "PCG64", "state": {}, "has_uint32": 0, "uinteger": 0},  # truncated
+    "not a dict",
+])
+def test_load_state_with_a_bad_rng_state_changes_nothing(smollm2_path, rng_state) -> None:
+    """load_state checks the whole state before it changes anything: a refused state leaves
+    the tokens, logits, cache and random generator as they were."""
+    llm = Llama(smollm2_path, n_ctx=256, seed=5)
+    llm("My favourite animal is", max_tokens=4, temperature=0.8)
+    state = llm.save_state()
+    llm("The weather today", max_tokens=4, temperature=0.8)  # something else in the cache
+    tokens, logits = list(llm._tokens), llm._logits.copy()
+    rng_before = llm._rng.bit_generator.state
+    bad = type(state)(**{**state.__dict__, "rng_state": rng_state})
+    with pytest.raises(ValueError, match="rng_state"):
+        llm.load_state(bad)
+    assert llm._tokens == tokens and np.array_equal(llm._logits, logits)
+    assert llm._rng.bit_generator.state == rng_before
+    again = llm.generate(tokens, temp=0.8)
+    b = [next(again) for _ in range(8)]
+    again.close()
+    assert llm.last_eval.n_evaluated == 1  # the cache still held `tokens`: nothing recomputed
+
+    twin = Llama(smollm2_path, n_ctx=256, seed=5)  # the same calls, without the refused load
+    twin("My favourite animal is", max_tokens=4, temperature=0.8)
+    twin("The weather today", max_tokens=4, temperature=0.8)
+    assert twin._tokens == tokens
+    first = twin.generate(tokens, temp=0.8)
+    a = [next(first) for _ in range(8)]
+    first.close()
+    assert a == b
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -207,6 +241,24 @@ def test_prompt_errors(llm: Llama) -> None:
         llm("a\x00b", max_tokens=1)
     with pytest.raises(ValueError, match="bytes"):
         llm.tokenize("not bytes")  # type: ignore[arg-type]
+
+
+def test_token_id_checks_fast_and_slow_agree(llm: Llama) -> None:
+    ids = [1, 504, 3947, 49151]
+    for given in (ids, tuple(ids), range(1, 2), np.array(ids), np.array(ids, np.uint16),
+                  [np.int32(i) for i in ids], []):
+        out = llm._check_ids(given)
+        assert out == list(given) and all(type(t) is int for t in out)
+    for bad, message in [([1, True], r"item 1 is True"),  # np.asarray would make it 1
+                         (np.array([1, True]).astype(bool), r"item 0 is np.True_|item 0 is True"),
+                         (np.array([[1, 2]]), r"item 0 is array\(\[1, 2\]\)"),
+                         ([1, 10**30], r"token id 10{30} at index 1 is outside"),
+                         (np.array([5, -1]), r"token id -1 at index 1 is outside"),
+                         ([3, 49152], r"token id 49152 at index 1 is outside")]:
+        with pytest.raises(ValueError, match=message):
+            llm._check_ids(bad)
+    with pytest.raises(ValueError, match="5 tokens do not fit the context of 4"):
+        llm._check_ids(np.arange(5), max_len=4)
 
 
 def test_echo_prepends_the_prompt(llm: Llama) -> None:

@@ -309,9 +309,14 @@ def test_real_model_stays_usable_after_refusals(smollm2_path: Path) -> None:
     expected = Llama(smollm2_path, n_ctx=256)("The capital of France is", max_tokens=6,
                                               temperature=0)["choices"][0]["text"]
     assert expected.startswith(" Paris")
-    for bad in ({"prompt": [1, 49152]}, {"prompt": "x\x00"}, {"max_tokens": -1},
-                {"top_k": -1}, {"prompt": "word " * 300}):
-        with pytest.raises(ValueError):
+    for bad, message in (
+        ({"prompt": [1, 49152]}, r"token id 49152 at index 1 is outside \[0, 49152\)"),
+        ({"prompt": "x\x00"}, "the prompt contains a NUL character at index 1"),
+        ({"max_tokens": -1}, r"max_tokens = -1, expected None or an integer in \[0, "),
+        ({"top_k": -1}, r"top_k must be an integer >= 0 \(0 disables it\), got -1"),
+        ({"prompt": "word " * 300}, r"the prompt has \d+ tokens, more than the context of 256"),
+    ):
+        with pytest.raises(ValueError, match=message):
             llm(**{"prompt": "Hi", **bad})
         out = llm("The capital of France is", max_tokens=6, temperature=0)
         assert out["choices"][0]["text"] == expected

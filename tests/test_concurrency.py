@@ -136,19 +136,54 @@ def test_one_object_from_two_threads_is_serialised(
 
 
 def test_a_stream_holds_the_object_until_it_ends(
-        tiny_path: Path, jobs: tuple[list[list[int]], ...], alone: list[list[str]]) -> None:
+        tiny_path: Path, jobs: tuple[list[list[int]], ...], alone: list[list[str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Another thread's call, made while a stream is half-way, waits for the stream's end."""
     llm = Llama(tiny_path, n_ctx=N_CTX)
     calls = record_forwards(llm)
     half_way = threading.Event()
+    # The stream pauses half-way until the other call is under way, so that it cannot end
+    # before the other thread even starts (on this tiny model it often would): under way means
+    # waiting for the turn (it tries to take the turn's lock once the stream is half-way) or,
+    # should nothing make it wait, having made its first forward call (recorded in `calls`
+    # first, so the stream's next call lands after it and assert_not_interleaved sees it).
+    other_under_way = threading.Event()
+    streamer_thread: list[int] = []
+
+    class WatchedLock:
+        """The turn's lock, telling when a thread starts to wait for it after half-way."""
+
+        def __init__(self, lock: Any) -> None:
+            self._lock = lock
+
+        def acquire(self, blocking: bool = True) -> bool:
+            if blocking and half_way.is_set():
+                other_under_way.set()
+            return self._lock.acquire(blocking)
+
+        def release(self) -> None:
+            self._lock.release()
+
+    monkeypatch.setattr(llm._turn, "_lock", WatchedLock(llm._turn._lock))
+    recorded_forward = llm.model.forward
+
+    def forward(tokens: Sequence[int], start_pos: int = 0, all_logits: bool = False) -> Any:
+        out = recorded_forward(tokens, start_pos=start_pos, all_logits=all_logits)
+        if threading.get_ident() not in streamer_thread:
+            other_under_way.set()
+        return out
+
+    llm.model.forward = forward  # type: ignore[method-assign]
 
     def streamer() -> str:
+        streamer_thread.append(threading.get_ident())
         text = ""
         for i, chunk in enumerate(llm(jobs[0][0], max_tokens=N_TOKENS, temperature=0,
                                       logit_bias=NO_EOS, stream=True)):
             text += chunk["choices"][0]["text"]
             if i == 3:
                 half_way.set()
+                assert other_under_way.wait(HANG_GUARD_S), "the other call never started"
         return text
 
     def other() -> list[str]:
@@ -198,12 +233,16 @@ def test_model_forward_from_many_threads(tiny_path: Path, n_threads: int) -> Non
     batches = prompts(8, seed=3)
     expected = [model.forward(p, all_logits=True) for p in batches]
 
-    def job(k: int) -> list[bool]:
-        return [np.array_equal(model.forward(batches[i], all_logits=True), expected[i])
+    def job(k: int) -> list[tuple[int, bool]]:
+        """(batch, equal to the sequential result) for every batch, starting at batch k."""
+        return [(i, np.array_equal(model.forward(batches[i], all_logits=True), expected[i]))
                 for i in list(range(k, len(batches))) + list(range(k))]
 
     results = run_threads(*[lambda k=k: job(k) for k in range(4)])
-    assert all(all(r) for r in results)
+    for k, result in enumerate(results):
+        assert sorted(i for i, _ in result) == list(range(len(batches)))
+        for i, same in result:
+            assert same, f"thread {k}, batch {i}: logits differ from the sequential run"
 
 
 @pytest.mark.real_model

@@ -11,7 +11,8 @@ Kill points: deterministic ones, where a hook in the child process stops the wri
 header only, after a random number of tensors, and with the file complete but not yet renamed)
 and tells the test so; and real kills of the unmodified command at random moments after its
 temporary file appears (these may also come after the rename, or find it finished: the output
-path must then hold a complete file).
+path must then hold a complete file), plus one as soon as it appears, so that at least one real
+kill lands while the command writes however fast the machine is (the test checks that one did).
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ def test_random_kills_of_the_real_command(hf_dir: Path, previous: Path, tmp_path
     rng = random.Random(SEED)
     folder = tmp_path / "out"
     folder.mkdir()
-    for i in range(N_RANDOM_KILLS):
+    # The first kill as soon as the temporary file appears; the others at random moments.
+    delays = [0.0] + [rng.uniform(0, MAX_KILL_DELAY_S) for _ in range(N_RANDOM_KILLS)]
+    mid_write = []  # per kill: did it stop the child while it wrote its temporary file?
+    for i, delay in enumerate(delays):
         existing = i % 2 == 1
         out, previous_hash = place(previous, folder, existing)
         child = subprocess.Popen([sys.executable, "-m", "alpaca_convert",
@@ -176,14 +180,21 @@ def test_random_kills_of_the_real_command(hf_dir: Path, previous: Path, tmp_path
         before = set(temporary_files(out))
         try:
             wait_for(lambda: set(temporary_files(out)) - before, child)  # noqa: B023
-            time.sleep(rng.uniform(0, MAX_KILL_DELAY_S))
+            seen = bool(set(temporary_files(out)) - before)  # or the child ended first
+            time.sleep(delay)
         finally:
             kill(child)
         # Killed, or finished first; either way, and even if the kill came after the rename,
         # the output path holds a whole file.
         assert child.returncode in (0, -signal.SIGKILL)
-        assert_nothing_lost(folder, out, previous_hash)
+        arrived = assert_nothing_lost(folder, out, previous_hash)
+        # Mid-write: its temporary file appeared before the kill, SIGKILL ended it, and the
+        # file was left unpublished (the new output never reached the output path).
+        mid_write.append(seen and child.returncode == -signal.SIGKILL and not arrived
+                         and bool(set(temporary_files(out)) - before))
         out.unlink(missing_ok=True)
+    # Otherwise the test would only have watched conversions finish or die after the rename.
+    assert any(mid_write), f"no kill landed while the converter wrote: {mid_write}"
     # Leftovers from the kills do not get in the way of the next conversion.
     out = folder / "model.gguf"
     subprocess.run([sys.executable, "-m", "alpaca_convert", *command(hf_dir, out, False)],

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from test_api_inputs import FIRST_TEXT_ID, N_VOCAB, write_tiny_llama
+from test_model import SAME_ENGINE_RTOL
 
 from alpaca_cpu.llama import Llama
 
@@ -31,9 +32,9 @@ PROMPT_LEN = 1200  # 75 batches: long enough to be interrupted at the third
 # still slip through: the check between "the interrupt is pending" and "the next native call
 # starts" is not atomic in Python.)
 MAX_BATCHES_AFTER_INTERRUPT = 1
-# Same engine, same tokens, different batch boundaries: only float summation order changes
-# (tests/test_model.py, SAME_ENGINE_RTOL).
-SAME_ENGINE_RTOL = 1e-4
+# SAME_ENGINE_RTOL (from test_model: same engine, same tokens, different batch boundaries, so
+# only float summation order changes) is applied here as test_model's max_rel does: as an
+# absolute tolerance of SAME_ENGINE_RTOL times the largest |logit| of the expected logits.
 HANG_GUARD_S = 120.0  # only so that a broken build fails instead of hanging the suite
 ANSWER_TOKENS = 8
 
@@ -135,13 +136,31 @@ def fresh(tiny_path: Path, prompt: list[int]) -> dict[str, Any]:
             "long": long["choices"][0]["text"]}
 
 
-def assert_consistent(llm: Llama, tiny_path: Path) -> None:
-    """The cache bookkeeping tells the truth: _logits, if kept, are what a fresh object
-    computes after _tokens."""
+def assert_consistent(llm: Llama, tiny_path: Path, logits_kept: bool) -> None:
+    """The cache bookkeeping tells the truth (the invariants in Llama.__init__): the cache holds
+    the K/V of _tokens, and _logits, if kept, are what a fresh object computes after _tokens.
+
+    logits_kept: whether _logits must be there. Llama._sync sets _logits to None before it
+    extends _tokens and sets the new logits after, so an interrupt that lands in between
+    (inside an evaluation) may leave None; one that comes while a stream is suspended at a
+    yield finds every evaluation finished, and the logits after the last token kept.
+    """
+    assert llm._tokens, "nothing evaluated is kept"
+    if logits_kept:
+        assert llm._logits is not None, "the logits after the last token were dropped"
     if llm._logits is not None:
         expected = Llama(tiny_path, n_ctx=N_CTX, n_batch=N_BATCH).eval(llm._tokens)
         np.testing.assert_allclose(llm._logits, expected,
                                    atol=SAME_ENGINE_RTOL * np.abs(expected).max())
+    # The K/V of every kept token, whether or not _logits were kept: a copy of the cache,
+    # given one more token, computes only that token and gets a fresh object's logits.
+    probe = [*llm._tokens, FIRST_TEXT_ID]
+    copy = Llama(tiny_path, n_ctx=N_CTX, n_batch=N_BATCH)
+    copy.load_state(llm.save_state())
+    got = copy.eval(probe)
+    assert copy.last_eval.n_reused == len(llm._tokens)
+    expected = Llama(tiny_path, n_ctx=N_CTX, n_batch=N_BATCH).eval(probe)
+    np.testing.assert_allclose(got, expected, atol=SAME_ENGINE_RTOL * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("how", ["sigint", "async"])
@@ -153,7 +172,7 @@ def test_interrupted_prompt_evaluation(how: str, tiny_path: Path, prompt: list[i
         llm.eval(prompt)
     kept = len(llm._tokens)
     assert llm._tokens == prompt[:kept] and kept < len(prompt)  # stopped part-way, in order
-    assert_consistent(llm, tiny_path)
+    assert_consistent(llm, tiny_path, logits_kept=False)  # it may land inside an evaluation
 
     logits = run_elsewhere(lambda: llm.eval(prompt))
     assert llm.last_eval.n_reused == kept  # what was evaluated before the interrupt is reused
@@ -171,9 +190,10 @@ def test_interrupted_generation(how: str, tiny_path: Path, prompt: list[int],
         for chunk in llm(prompt, max_tokens=200, temperature=0, logit_bias={2: -np.inf},
                          stream=True):
             received.append(chunk["choices"][0]["text"])
+    assert "".join(received)  # text came before the interrupt (else the next line is vacuous)
     assert fresh["long"].startswith("".join(received))  # what came before the interrupt is right
     assert len(llm._tokens) < len(prompt) + 200
-    assert_consistent(llm, tiny_path)
+    assert_consistent(llm, tiny_path, logits_kept=False)  # it may land inside an evaluation
     assert run_elsewhere(lambda: answer(llm, prompt)) == fresh["answer"]
 
 
@@ -193,7 +213,7 @@ def test_interrupted_chat_stream_is_closed_like_the_chat_cli_does(
     finally:
         stream.close()
     assert n == 3
-    assert_consistent(llm, tiny_path)
+    assert_consistent(llm, tiny_path, logits_kept=True)  # it came while the stream was suspended
     assert run_elsewhere(lambda: answer(llm, prompt)) == fresh["answer"]
 
 

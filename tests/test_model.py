@@ -113,7 +113,13 @@ def test_decode_over_long_context_matches_prefill(tmp_path: Path, isa: str, kv_t
     tokens = np.random.default_rng(11).integers(0, spec.n_vocab, 620)
     m = alpaca_cpu.Model(path, n_ctx=640, n_threads=2, kv_type=kv_type)
     assert m.isa == isa
-    whole = m.forward(tokens, all_logits=True)  # 512 + 108 tokens: no split in batches
+    # The whole context in one call (run as batches of kMaxBatch = 512, then 108): each has many
+    # blocks of queries (16 tokens each here), so attention runs over all positions at once,
+    # not split into parts. Decoding at position 600+ is one block, split into
+    # clamp(601 // kMinPartPositions, 1, ceil(kAttentionTasksPerThread * 2 threads / 2 KV
+    # heads)) = clamp(4, 1, 8) = 4 parts (csrc/model.cpp: kMinPartPositions = 128,
+    # kAttentionTasksPerThread = 8), so the merge of the parts is what is compared.
+    whole = m.forward(tokens, all_logits=True)
     m.forward(tokens[:600])
     steps = np.stack([m.forward([t], start_pos=600 + i) for i, t in enumerate(tokens[600:])])
     assert max_rel(steps, whole[600:]) <= SAME_ENGINE_RTOL

@@ -14,13 +14,12 @@ import pytest
 
 from alpaca_cpu.chat_format import (
     BUILTIN_FORMATS,
-    RENDER_TIMEOUT_S,
     AlpacaChatFormatter,
     ChatMLChatFormatter,
-    JinjaChatFormatter,
     Llama2ChatFormatter,
     get_chat_formatter,
 )
+from alpaca_cpu.chat_template import RENDER_TIMEOUT_S, JinjaChatFormatter
 
 # Refusals by count (loops, operations, sizes) come within a fraction of a second; the few that
 # end on the wall-clock limit take RENDER_TIMEOUT_S. The slack absorbs a loaded CI machine.

@@ -30,12 +30,22 @@ class PreTokenizer:
 
 # The GPT-2 regex; llama.cpp runs it with a hand-written splitter that behaves like this regex.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-# Llama-3's regex with the case-insensitive group spelled out, as llama.cpp writes it.
-_LLAMA3 = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# Llama-3's split regex as its tokenizer.json writes it (the converter recognises the
+# pre-tokenizer by this very text), and Qwen2's, the same with digits one at a time.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _as_llama_cpp(regex: str) -> str:
+    """llama.cpp spells the case-insensitive contractions out letter by letter (which also
+    keeps Unicode case folding, e.g. 'ſ' for 's', from matching)."""
+    return regex.replace(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+                         r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])")
+
+
+_LLAMA3 = _as_llama_cpp(LLAMA3_SPLIT)
+_QWEN2 = _as_llama_cpp(QWEN2_SPLIT)
 _BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"
 _TEKKEN = (
     r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"

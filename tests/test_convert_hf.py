@@ -198,19 +198,43 @@ def test_sentencepiece_tokenizer_is_embedded(spm_model: Path, tmp_path: Path) ->
         assert tok.encode(text, add_bos=False) == sp.encode(text), text
 
 
-@pytest.mark.parametrize("digits", [True, False])
-def test_bpe_tokenizer_is_embedded(digits: bool, tmp_path: Path) -> None:
+# The split regexes as Llama 3's and Qwen2's tokenizer.json files write them (written out here,
+# not imported, so that a changed constant in the code shows).
+SPLIT_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def use_split_pre_tokenizer(tokenizer_json: Path, pre: str) -> None:
+    """Give a trained tokenizer.json the Split + ByteLevel pre-tokenizer of Llama 3 / Qwen2."""
+    tok = json.loads(tokenizer_json.read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": SPLIT_REGEX[pre]}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}
+    tok["model"]["ignore_merges"] = pre == "llama-bpe"  # as Llama 3's file has it
+    tokenizer_json.write_text(json.dumps(tok))
+
+
+@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2"])
+def test_bpe_tokenizer_is_embedded(pre: str, tmp_path: Path) -> None:
     from hf_tiny import train_bpe
     from tokenizers import Tokenizer as HFTokenizer
 
     folder = save_hf(tiny_llama(CONFIGS["mha"]), tmp_path / "hf", tokenizer="bpe")
-    if not digits:  # the same folder with a plain GPT-2 pre-tokenizer
+    if pre == "gpt-2":  # the same folder with a plain GPT-2 pre-tokenizer
         train_bpe(folder / "tokenizer.json", digits=False)
+    elif pre in SPLIT_REGEX:
+        use_split_pre_tokenizer(folder / "tokenizer.json", pre)
     convert(folder, tmp_path / "m.gguf", outtype="q8_0")
     md = open_model_file(tmp_path / "m.gguf").metadata
     hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     assert md["tokenizer.ggml.model"] == "gpt2"
-    assert md["tokenizer.ggml.pre"] == ("smollm" if digits else "gpt-2")
+    assert md["tokenizer.ggml.pre"] == pre
     vocab = hf.get_vocab()
     assert md["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
     assert md["tokenizer.ggml.token_type"][:3] == [TokenType.CONTROL] * 3
@@ -222,7 +246,8 @@ def test_bpe_tokenizer_is_embedded(digits: bool, tmp_path: Path) -> None:
         (1, 2, 0, 2)
     assert md["tokenizer.ggml.add_bos_token"] is False
     tok = Tokenizer.from_metadata(md)
-    for text in ["kalo mitu ranepi, 12345.", "Hello wörld é!\n\n  x", "<|im_start|>user"]:
+    for text in ["kalo mitu ranepi, 12345.", "Hello wörld é!\n\n  x", "<|im_start|>user",
+                 "It'S kalo'll 1234567 \r\n mi"]:
         assert tok.encode(text, special=True) == hf.encode(text, add_special_tokens=False).ids, \
             text
 

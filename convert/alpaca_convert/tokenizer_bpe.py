@@ -14,19 +14,17 @@ from typing import Any
 
 from gguf import TokenType
 
+from alpaca_cpu.tokenizer_bpe import LLAMA3_SPLIT, QWEN2_SPLIT
+
 from .errors import ConvertError
 from .vocab import Vocab
-
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # Structure of the pre_tokenizer -> llama.cpp's name for it.
 _KNOWN_PRE: dict[tuple[tuple[Any, ...], ...], str] = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",  # SmolLM / StarCoder: digits one by one
-    (("Split", _LLAMA3_SPLIT, "Isolated"), ("ByteLevel", False)): "llama-bpe",  # Llama 3
-    (("Split", _QWEN2_SPLIT, "Isolated"), ("ByteLevel", False)): "qwen2",
+    (("Split", LLAMA3_SPLIT, "Isolated"), ("ByteLevel", False)): "llama-bpe",  # Llama 3
+    (("Split", QWEN2_SPLIT, "Isolated"), ("ByteLevel", False)): "qwen2",
 }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
-from .gguf_file import open_model_file
+from .gguf_file import ModelFile, open_model_file
 from .system import available_memory_bytes, physical_cores
 
 # Activations, scratch and the interpreter on top of weights and KV cache: a model that needs
@@ -18,21 +18,40 @@ from .system import available_memory_bytes, physical_cores
 MEMORY_MARGIN_BYTES = 256 << 20
 
 
-def _check_memory(path: os.PathLike[str], config: ModelConfig, n_ctx: int, kv_f16: bool,
-                  weight_bytes: int) -> None:
-    """Refuse an n_ctx whose KV cache cannot fit, before anything large is allocated."""
-    if n_ctx > config.context_length * 64:
-        raise ValueError(f"n_ctx = {n_ctx} is far beyond the {config.context_length} tokens "
-                         f"{path} was trained for")
-    need = weight_bytes + config.kv_cache_bytes(n_ctx, kv_f16) + MEMORY_MARGIN_BYTES
+class NotEnoughMemoryError(ValueError):
+    """The weights and the KV cache of n_ctx positions do not fit in the available memory.
+
+    The sizes are attributes, so that a front end can phrase its own advice; ``fits`` is the
+    largest n_ctx that would fit (0 when even the weights do not).
+    """
+
+    def __init__(self, n_ctx: int, weight_bytes: int, kv_bytes: int, available: int,
+                 fits: int) -> None:
+        self.n_ctx, self.weight_bytes, self.kv_bytes = n_ctx, weight_bytes, kv_bytes
+        self.available, self.fits = available, fits
+        need = weight_bytes + kv_bytes + MEMORY_MARGIN_BYTES
+        super().__init__(
+            f"n_ctx = {n_ctx} needs {need / 2**30:.2f} GiB ({weight_bytes / 2**30:.2f} GiB "
+            f"weights + {kv_bytes / 2**30:.2f} GiB KV cache), but only {available / 2**30:.2f} "
+            f"GiB is available; n_ctx <= {fits} would fit")
+
+
+def check_memory(mf: ModelFile, n_ctx: int, kv_f16: bool = True) -> None:
+    """Raise NotEnoughMemoryError unless the model's weights, the KV cache of n_ctx positions
+    and MEMORY_MARGIN_BYTES fit in available memory (nothing is checked where that is unknown).
+
+    The weights count as the file's tensor bytes: the engine keeps a repacked copy of about
+    that size. Called before anything large is allocated, by Model and by alpaca-chat.
+    """
     have = available_memory_bytes()
-    if have is not None and need > have:
-        per_token = config.kv_cache_bytes(1, kv_f16)
+    if have is None:
+        return
+    weight_bytes = sum(t.data.nbytes for t in mf.tensors.values())
+    kv_bytes = mf.config.kv_cache_bytes(n_ctx, kv_f16)
+    if weight_bytes + kv_bytes + MEMORY_MARGIN_BYTES > have:
+        per_token = mf.config.kv_cache_bytes(1, kv_f16)
         fits = max(0, (have - weight_bytes - MEMORY_MARGIN_BYTES) // per_token)
-        raise ValueError(
-            f"n_ctx = {n_ctx} needs {need / 2**30:.2f} GiB ({weight_bytes / 2**30:.2f} GiB weights + "
-            f"{config.kv_cache_bytes(n_ctx, kv_f16) / 2**30:.2f} GiB KV cache), but only "
-            f"{have / 2**30:.2f} GiB is available; n_ctx <= {fits} would fit")
+        raise NotEnoughMemoryError(n_ctx, weight_bytes, kv_bytes, have, fits)
 
 
 class Model:
@@ -51,11 +70,14 @@ class Model:
             raise ValueError(f"n_ctx = {n_ctx!r}, expected a positive integer")
         if n_threads is None:
             n_threads = physical_cores()
-        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= 1024:
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) \
+                or not 1 <= n_threads <= 1024:
             raise ValueError(f"n_threads = {n_threads!r}, expected an integer in [1, 1024]")
         mf = open_model_file(path)
-        _check_memory(mf.path, mf.config, n_ctx, kv_type == "f16",
-                      sum(t.data.nbytes for t in mf.tensors.values()))
+        if n_ctx > mf.config.context_length * 64:
+            raise ValueError(f"n_ctx = {n_ctx} is far beyond the {mf.config.context_length} "
+                             f"tokens {mf.path} was trained for")
+        check_memory(mf, n_ctx, kv_type == "f16")
         self.path = mf.path
         self.config: ModelConfig = mf.config
         self.metadata: dict[str, Any] = mf.metadata
@@ -87,7 +109,8 @@ class Model:
         """
         arr = np.asarray(tokens)
         if arr.ndim != 1 or arr.size == 0:
-            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids, got shape {arr.shape}")
+            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids, got shape "
+                             f"{arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"tokens must be integer ids, got dtype {arr.dtype}")
         n_vocab = self.config.n_vocab

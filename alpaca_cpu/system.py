@@ -1,4 +1,4 @@
-"""Facts about the machine: physical cores."""
+"""Facts about the machine: physical cores and available memory (the one /proc/meminfo reader)."""
 
 from __future__ import annotations
 

@@ -277,6 +277,11 @@ def test_text_that_is_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes(b"\xe9t\xe9")
     line = error_line(run_chat(["-f", str(tmp_path / "latin1.txt")], env))
     assert line.endswith("latin1.txt is not UTF-8 text (byte 0)")
+    # Bytes in argv that are not UTF-8 reach Python as lone surrogates: tokenizer.check_unicode.
+    for flag, what in (("-p", "the -p text"), ("--system", "the --system text")):
+        line = error_line(run_chat(["-m", "never-opened.gguf", flag, b"caf\xe9?"], env))
+        assert line == (f"alpaca-chat: error: {what} is not valid Unicode: U+DCE9 at index 3 "
+                        "is a lone surrogate")
 
 
 @pytest.mark.real_model

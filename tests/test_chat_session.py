@@ -1,16 +1,21 @@
-"""alpaca-chat's model-free logic: /params parsing, /save and /load, context trimming, input."""
+"""alpaca-chat's logic without a real model: /params parsing, /save and /load, context trimming,
+input, the memory check, and ChatSession driven by a stand-in model."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny_model import TinySpec, write_tiny_model
 
-from alpaca_cpu.cli import chat_session
-from alpaca_cpu.cli.chat import UserError, check_memory
-from alpaca_cpu.cli.chat_session import (
+import alpaca_cpu.cli.conversation as conversation_module
+import alpaca_cpu.model as model_module
+from alpaca_cpu.cli.chat import UserError, refuse_if_too_large
+from alpaca_cpu.cli.chat_session import ChatSession, Style
+from alpaca_cpu.cli.conversation import (
     ContextFullError,
     Conversation,
     ConversationFileError,
@@ -19,7 +24,8 @@ from alpaca_cpu.cli.chat_session import (
     write_atomically,
 )
 from alpaca_cpu.cli.input import MessageAssembler
-from alpaca_cpu.config import ModelConfig
+from alpaca_cpu.gguf_file import open_model_file
+from alpaca_cpu.model import Model
 
 # ---- /params ---------------------------------------------------------------------------------
 
@@ -126,7 +132,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     def interrupted(fd: int) -> None:
         raise KeyboardInterrupt  # Ctrl-C in the middle of the write
 
-    monkeypatch.setattr(chat_session.os, "fsync", interrupted)
+    monkeypatch.setattr(conversation_module.os, "fsync", interrupted)
     conv = Conversation()
     conv.add("user", "x" * 100_000)
     with pytest.raises(KeyboardInterrupt):
@@ -234,17 +240,97 @@ def test_triple_quote_blocks() -> None:
 # ---- memory check ----------------------------------------------------------------------------
 
 
-def test_memory_check_suggests_a_context_that_fits(tmp_path: Path) -> None:
-    cfg = ModelConfig(n_vocab=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      ffn_dim=128, n_rot=16, rope_base=1e4, rms_eps=1e-5, context_length=4096,
-                      tied_embeddings=True)
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"\0" * 1_000_000)
-    per_token = cfg.kv_cache_bytes(1)  # 256 bytes
-    check_memory(model, cfg, 4096, available=1_000_000 + 4096 * per_token)
+def test_memory_check_suggests_a_context_that_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpaca-chat refuses with the library's formula, so the -c it suggests really loads (it
+    used to leave out the library's working-memory margin and suggest a -c that Llama refused)."""
+    path = write_tiny_model(tmp_path / "tiny.gguf", TinySpec(context_length=8192))
+    mf = open_model_file(path)
+    weights = sum(t.data.nbytes for t in mf.tensors.values())
+    per_token = mf.config.kv_cache_bytes(1)
+    available = weights + model_module.MEMORY_MARGIN_BYTES + 5000 * per_token
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: available)
+    refuse_if_too_large(mf, 4096)
     with pytest.raises(UserError) as e:
-        check_memory(model, cfg, 8192, available=1_000_000 + 5000 * per_token)
+        refuse_if_too_large(mf, 8192)
     assert "not enough memory for a context of 8192 tokens" in str(e.value)
-    assert "pass -c 4864" in str(e.value)
+    assert str(e.value).endswith("pass -c 4864")
+    assert Model(path, n_ctx=4864).n_ctx == 4864  # what Llama, and so alpaca-chat, loads
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: weights)
     with pytest.raises(UserError, match="use a smaller model"):
-        check_memory(model, cfg, 512, available=900_000)
+        refuse_if_too_large(mf, 512)
+
+
+# ---- the session -----------------------------------------------------------------------------
+
+
+class FakeLlama:
+    """Answers every conversation with `answer`, chunk by chunk, like create_chat_completion's
+    stream; `interrupt_after` chunks raises KeyboardInterrupt (Ctrl-C) instead of going on."""
+
+    def __init__(self, answer: list[str], interrupt_after: int | None = None) -> None:
+        self.answer, self.interrupt_after = answer, interrupt_after
+        self.seeds: list[int | None] = []
+
+    def n_ctx(self) -> int:
+        return 512
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return [0] * words(messages)
+
+    def create_chat_completion(self, messages: list[dict[str, str]], stream: bool,
+                               **kwargs: object) -> Iterator[dict[str, object]]:
+        assert stream
+        self.seeds.append(kwargs["seed"])  # type: ignore[arg-type]
+
+        def chunks() -> Iterator[dict[str, object]]:
+            yield {"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]}
+            for i, piece in enumerate(self.answer):
+                if i == self.interrupt_after:
+                    raise KeyboardInterrupt
+                yield {"choices": [{"delta": {"content": piece}, "finish_reason": None}]}
+            yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+        return chunks()
+
+
+def session(llm: FakeLlama, seed: int = -1) -> ChatSession:
+    return ChatSession(llm, Conversation(system="s"),  # type: ignore[arg-type]
+                       SamplingSettings(seed=seed), Style(color=False), verbose=False)
+
+
+def test_session_keeps_the_answer_and_numbers_the_seeds(capsys: pytest.CaptureFixture[str]) -> None:
+    llm = FakeLlama(["Hel", "lo"])
+    s = session(llm, seed=7)
+    s.ask("hi")
+    s.ask("again")
+    assert capsys.readouterr().out == "Hello\nHello\n"
+    assert [m["role"] for m in s.conv.messages()] == ["system", "user", "assistant", "user",
+                                                      "assistant"]
+    assert s.conv.turns[1] == {"role": "assistant", "content": "Hello"}
+    assert s.command("/params seed=1") and llm.seeds == [7, 8]
+    s.ask("third")
+    assert llm.seeds == [7, 8, 1]  # a new seed starts its sequence again
+
+
+def test_session_ctrl_c_keeps_what_was_shown_or_drops_the_question(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    s = session(FakeLlama(["Hel", "lo"], interrupt_after=1))
+    s.ask("hi")
+    assert s.conv.turns == [{"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "Hel"}]
+    s = session(FakeLlama(["Hel", "lo"], interrupt_after=0))
+    s.ask("hi")
+    assert s.conv.turns == []
+    assert capsys.readouterr().err.count("[stopped]") == 2
+
+
+def test_session_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = session(FakeLlama(["ok"]))
+    s.ask("hi")
+    assert s.command(f"/save {tmp_path / 'c.json'}")
+    assert s.command("/reset") and s.conv.turns == []
+    assert s.command(f"/load {tmp_path / 'c.json'}") and len(s.conv.turns) == 2
+    assert s.command("/system be short") and s.conv.system == "be short"
+    assert s.command("/nope") and not s.command("/quit")
+    err = capsys.readouterr().err
+    assert "[saved 3 messages to" in err and "[unknown command /nope;" in err

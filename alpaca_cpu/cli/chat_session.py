@@ -1,265 +1,272 @@
-"""What `alpaca-chat` remembers: the conversation, the sampling settings, and how both change.
+"""`alpaca-chat`'s interactive session: `ChatSession` (a model, a conversation, the sampling
+settings and the /commands on them), the loop that reads messages for it, and streaming an
+answer to the terminal (shared with one-shot mode in `chat`).
 
-Nothing here touches the model, so it is tested on its own: /params parsing, /save and /load
-(conversation JSON, written atomically), and trimming a conversation to fit the context.
+The conversation and settings themselves, which need no model, are in `conversation`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
 
-Message = dict[str, str]
+from ..tokenizer import check_unicode
+from .conversation import (
+    ContextFullError,
+    Conversation,
+    ConversationFileError,
+    SamplingSettings,
+    fit_to_context,
+)
 
-ROLES = ("system", "user", "assistant")
-FILE_FORMAT = "alpaca-chat conversation"
-FILE_VERSION = 1
-MAX_FILE_BYTES = 64 << 20  # a conversation file larger than this is not one we wrote
+if TYPE_CHECKING:
+    from ..llama import Llama
+
+COMMANDS = ("/help", "/reset", "/system", "/save", "/load", "/params", "/quit", "/exit")
+HELP = """\
+Commands:
+  /help              this text
+  /reset             start a new conversation (the system prompt stays)
+  /system [TEXT]     show the system prompt, or set it to TEXT
+  /save FILE         save the conversation as JSON
+  /load FILE         continue a conversation saved with /save
+  /params [k=v ...]  show the sampling parameters, or set some: /params temp=0.2 top_k=20
+                     (temp top_k top_p min_p repeat_penalty repeat_last_n n_predict seed)
+  /quit              exit (so do Ctrl-D and Ctrl-C at an empty prompt)
+Input: end a line with \\ to go on to the next one, or put several lines between \"\"\" lines.
+Start a message with // to send text that begins with /.
+Ctrl-C while the model answers stops the answer; the part already shown stays in the
+conversation (if nothing was shown yet, the question is dropped too)."""
 
 
-# ---- sampling settings -----------------------------------------------------------------------
+# ---- output ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
-    """Sampling as llama.cpp's chat defaults it (common/common.h), and how long answers may be."""
+class Style:
+    """Terminal colours, or none. Prompt escapes are wrapped in \\001 \\002 so that readline
+    knows they take no room on the line."""
 
-    temp: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64  # -1: the whole context
-    n_predict: int = -1  # -1: until the model stops or the context is full
-    seed: int = -1  # -1: a random seed
+    color: bool
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first setting that is out of range."""
-        checks = [
-            ("temp", self.temp >= 0, ">= 0 (0 is greedy)"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
-            ("top_p", 0 <= self.top_p <= 1, "in [0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repeat_penalty", self.repeat_penalty > 0, "> 0 (1 turns it off)"),
-            ("repeat_last_n", self.repeat_last_n >= -1, ">= -1 (-1 is the whole context)"),
-            ("n_predict", self.n_predict >= -1, ">= -1 (-1 is no limit)"),
-            ("seed", self.seed >= -1, ">= -1 (-1 is random)"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} = {getattr(self, name)!r}, expected {rule}")
+    def prompt(self, text: str) -> str:
+        return f"\001\033[1;32m\002{text}\001\033[0m\002" if self.color else text
 
-    def updated(self, assignments: str | Sequence[str]) -> SamplingSettings:
-        """A copy with `name=value` assignments applied, e.g. "temp=0.2 top_k=20".
+    def note(self, text: str) -> str:
+        return f"\033[2m{text}\033[0m" if self.color else text
 
-        Names may use dashes or underscores; `temperature` and `n` are aliases of `temp` and
-        `n_predict`. Raises ValueError for an unknown name, a bad value or an out-of-range one.
-        """
-        words = assignments.split() if isinstance(assignments, str) else list(assignments)
-        types = {f.name: f.type for f in fields(self)}
-        changes: dict[str, Any] = {}
-        for word in words:
-            name, sep, text = word.partition("=")
-            name = _ALIASES.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
-            if not sep or not text:
-                raise ValueError(f"expected name=value, got {word!r}")
-            if name not in types:
-                raise ValueError(f"unknown parameter {name!r}; known: {', '.join(types)}")
-            try:
-                changes[name] = int(text) if types[name] == "int" else float(text)
-            except ValueError:
-                kind = "an integer" if types[name] == "int" else "a number"
-                raise ValueError(f"{name} = {text!r}, expected {kind}") from None
-            if changes[name] != changes[name] or changes[name] in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} = {text!r}, expected a finite number")
-        new = replace(self, **changes)
-        new.validate()
-        return new
-
-    def describe(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
-
-    def completion_kwargs(self, turn: int) -> dict[str, Any]:
-        """Keyword arguments of Llama.create_chat_completion for answer number `turn` (from 0).
-
-        A fixed seed makes a whole session reproducible: answer k is sampled with seed + k.
-        """
-        return {
-            "temperature": self.temp, "top_k": self.top_k, "top_p": self.top_p,
-            "min_p": self.min_p, "repeat_penalty": self.repeat_penalty,
-            "repeat_last_n": self.repeat_last_n,
-            "max_tokens": None if self.n_predict < 0 else self.n_predict,
-            "seed": None if self.seed < 0 else self.seed + turn,
-        }  # fmt: skip
+    def error(self, text: str) -> str:
+        return f"\033[1;31m{text}\033[0m" if self.color else text
 
 
-_ALIASES = {"temperature": "temp", "n": "n_predict", "max_tokens": "n_predict"}
+def default_color() -> bool:
+    return (sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            and os.environ.get("TERM") != "dumb")
 
 
-# ---- the conversation ------------------------------------------------------------------------
+def note(style: Style, text: str, error: bool = False) -> None:
+    """A message for the user (not part of any answer): to stderr."""
+    sys.stdout.flush()  # keep the order of answer text and notes on a terminal
+    print(style.error(text) if error else style.note(text), file=sys.stderr, flush=True)
 
 
-class ConversationFileError(ValueError):
-    """A /load file is unreadable or not a conversation."""
+# ---- answering -------------------------------------------------------------------------------
 
 
 @dataclass
-class Conversation:
-    """An optional system prompt and the turns after it, oldest first."""
+class Answer:
+    text: str
+    finish: str | None  # "stop", "length", or "interrupted" (Ctrl-C)
+    seconds: float  # prompt evaluation and generation
 
-    system: str | None = None
-    turns: list[Message] = field(default_factory=list)
 
-    def messages(self) -> list[Message]:
-        """The conversation as chat messages (what the template renders)."""
-        head = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return head + [dict(m) for m in self.turns]
+def stream_answer(llm: Llama, messages: list[dict[str, str]], kwargs: dict[str, Any],
+                  out: TextIO) -> Answer:
+    """Write the answer to `out` as it is generated. Ctrl-C stops it and keeps what came."""
+    chunks = llm.create_chat_completion(messages, stream=True, **kwargs)
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    finish: str | None = None
+    try:
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            piece = choice["delta"].get("content")
+            if piece:
+                parts.append(piece)  # first: Ctrl-C may land right after the text is shown
+                out.write(piece)
+                out.flush()
+            finish = choice["finish_reason"] or finish
+    except KeyboardInterrupt:
+        finish = "interrupted"
+    finally:
+        chunks.close()  # runs the generator's cleanup: the model is ready for the next call
+    return Answer("".join(parts), finish, time.perf_counter() - t0)
 
-    def add(self, role: str, content: str) -> None:
-        if role not in ("user", "assistant"):
-            raise ValueError(f"role {role!r}, expected 'user' or 'assistant'")
-        self.turns.append({"role": role, "content": content})
 
-    def reset(self) -> None:
-        """Start a new conversation with the same system prompt."""
-        self.turns.clear()
+def speed_report(llm: Llama, answer: Answer) -> str:
+    """Prompt and generation speed of the answer just given (for --verbose)."""
+    e = llm.last_eval
+    n_gen = len(llm.tokenize(answer.text.encode(), add_bos=False)) if answer.text else 0
+    gen_s = max(answer.seconds - e.seconds, 1e-9)
+    pp = e.n_evaluated / e.seconds if e.seconds > 0 else 0.0
+    return (f"[prompt: {e.n_reused + e.n_evaluated} tokens ({e.n_reused} reused, "
+            f"{e.n_evaluated} evaluated, {pp:.1f} tokens/s) | answer: {n_gen} tokens in "
+            f"{gen_s:.2f} s ({n_gen / gen_s:.1f} tokens/s)]")
 
-    # ---- files ---------------------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        return {"format": FILE_FORMAT, "version": FILE_VERSION, "messages": self.messages()}
+# ---- the session -----------------------------------------------------------------------------
 
-    @classmethod
-    def from_json(cls, data: Any) -> Conversation:
-        """From to_json()'s dict, or from a bare list of OpenAI-style messages."""
-        if isinstance(data, Mapping):
-            if data.get("version", FILE_VERSION) != FILE_VERSION:
-                raise ConversationFileError(
-                    f"version {data.get('version')!r}, expected {FILE_VERSION}")
-            data = data.get("messages")
-        if not isinstance(data, list):
-            raise ConversationFileError("expected a list of messages (or {\"messages\": [...]})")
-        conv = cls()
-        for i, m in enumerate(data):
-            if not isinstance(m, Mapping) or m.get("role") not in ROLES \
-                    or not isinstance(m.get("content"), str):
-                raise ConversationFileError(
-                    f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, "
-                    "\"content\": a string}")
-            if not _is_unicode(m["content"]):  # JSON can spell lone surrogates: "\udcff"
-                raise ConversationFileError(f"messages[{i}]: content is not valid Unicode")
-            if m["role"] == "system":
-                if i != 0:
-                    raise ConversationFileError(f"messages[{i}]: a system message must come first")
-                conv.system = m["content"]
+
+class ChatSession:
+    """The interactive loop's state: model, conversation, settings, and the commands on them."""
+
+    def __init__(self, llm: Llama, conv: Conversation, settings: SamplingSettings, style: Style,
+                 verbose: bool) -> None:
+        self.llm = llm
+        self.conv = conv
+        self.settings = settings
+        self.style = style
+        self.verbose = verbose
+        self.n_answers = 0  # answer k is sampled with seed + k when a seed is set
+        self.told_trimming = False
+
+    def note(self, text: str, error: bool = False) -> None:
+        note(self.style, text, error)
+
+    def _prompt_budget(self) -> int:
+        """Tokens the prompt may use: the rest of the context is kept for the answer."""
+        n_ctx = self.llm.n_ctx()
+        want = self.settings.n_predict if self.settings.n_predict > 0 else n_ctx // 4
+        return n_ctx - min(want, n_ctx // 2)
+
+    def ask(self, question: str) -> None:
+        """Answer one user message, streaming to stdout."""
+        self.conv.add("user", question)
+        try:
+            answer = self._answer()
+        except KeyboardInterrupt:  # Ctrl-C before the answer began (e.g. while trimming)
+            answer = None
+            self.note("[stopped]")
+        except ValueError as e:  # too long for the context; a template refusing the turns
+            answer = None
+            self.note(f"[{e}]", error=True)
+        if answer is None or (answer.finish == "interrupted" and not answer.text):
+            self.conv.turns.pop()  # nothing was said: forget the question too
+            return
+        self.conv.add("assistant", answer.text)  # all of it, or what was shown before Ctrl-C
+        if self.verbose:
+            self.note(speed_report(self.llm, answer))
+
+    def _answer(self) -> Answer:
+        try:
+            dropped = fit_to_context(self.conv, lambda m: len(self.llm.render_chat(m)),
+                                     self._prompt_budget())
+        except ContextFullError as e:
+            raise ValueError(f"{e}; try a larger -c or a shorter message") from None
+        if dropped and not self.told_trimming:
+            self.told_trimming = True
+            self.note(f"[the conversation is longer than the context of {self.llm.n_ctx()} "
+                      "tokens: from now on its oldest turns are dropped (the system prompt "
+                      "stays)]")
+        answer = stream_answer(self.llm, self.conv.messages(),
+                               self.settings.completion_kwargs(self.n_answers), sys.stdout)
+        self.n_answers += 1
+        if answer.text and not answer.text.endswith("\n"):
+            sys.stdout.write("\n")
+        if answer.finish == "interrupted":
+            self.note("[stopped]")
+        elif answer.finish == "length" and self.settings.n_predict < 0:
+            self.note("[the answer filled the context]")
+        return answer
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        name, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.note(HELP)
+        elif name == "/reset":
+            self.conv.reset()
+            self.note("[new conversation]")
+        elif name == "/system":
+            if rest:
+                self.conv.system = rest
+                self.note("[system prompt set]")
             else:
-                conv.add(m["role"], m["content"])
-        return conv
+                shown = self.conv.system if self.conv.system is not None else \
+                    "(none: the chat format's default)"
+                self.note(f"[system prompt: {shown}]")
+        elif name in ("/save", "/load"):
+            self._file_command(name, rest)
+        elif name == "/params":
+            self._params(rest)
+        else:
+            self.note(f"[unknown command {name}; /help lists the commands]", error=True)
+        return True
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the conversation as JSON; the file is either the old one or the new one, whole."""
-        target = Path(path).expanduser()
-        write_atomically(target, json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n")
-        return target
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Conversation:
-        source = Path(path).expanduser()
+    def _file_command(self, name: str, path: str) -> None:
+        if not path:
+            self.note(f"[usage: {name} FILE]", error=True)
+            return
         try:
-            if source.stat().st_size > MAX_FILE_BYTES:
-                raise ConversationFileError(f"{source}: larger than {MAX_FILE_BYTES >> 20} MiB")
-            data = json.loads(source.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConversationFileError(f"{source}: {e.strerror or e}") from e
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversationFileError(f"{source}: not a JSON file ({e})") from e
-        try:
-            return cls.from_json(data)
+            if name == "/save":
+                saved = self.conv.save(path)
+                self.note(f"[saved {len(self.conv.messages())} messages to {saved}]")
+            else:
+                self.conv = Conversation.load(path)
+                self.note(f"[loaded {len(self.conv.messages())} messages from {path}]")
         except ConversationFileError as e:
-            raise ConversationFileError(f"{source}: {e}") from None
+            self.note(f"[cannot load {e}]", error=True)
+        except OSError as e:
+            self.note(f"[cannot save to {path}: {e.strerror or e}]", error=True)
+
+    def _params(self, assignments: str) -> None:
+        if assignments:
+            try:
+                new = self.settings.updated(assignments)
+            except ValueError as e:
+                self.note(f"[{e}]", error=True)
+                return
+            if new.seed != self.settings.seed:
+                self.n_answers = 0  # a new seed starts its sequence again
+            self.settings = new
+        self.note(f"[{self.settings.describe()}]")
 
 
-def _is_unicode(text: str) -> bool:
+def run_interactive(session: ChatSession, banner: str) -> int:
+    """Read messages and /commands from the terminal until /quit or Ctrl-D; the exit status."""
+    from ..default_model import cache_dir
+    from .input import MessageReader
+
+    # Ctrl-C is how the user stops an answer: make it work even when started with SIGINT
+    # ignored (as background jobs of a non-interactive shell are).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    style = session.style
+    reader = MessageReader(style.prompt("> "), style.prompt("... "),
+                           cache_dir() / "chat_history", COMMANDS)
+    session.note(banner)
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace.
-
-    A crash or Ctrl-C at any moment leaves either the previous file or the new one, never a
-    partial file at `path`.
-    """
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some file systems cannot fsync a folder; the file itself is written
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ---- fitting the context ---------------------------------------------------------------------
-
-
-class ContextFullError(ValueError):
-    """Even the system prompt and the newest message do not fit the context."""
-
-
-def fit_to_context(conv: Conversation, count_tokens: Callable[[list[Message]], int],
-                   budget: int) -> int:
-    """Drop the oldest turns until the rendered conversation has at most `budget` tokens.
-
-    The system prompt and the newest message are always kept; the conversation after trimming
-    starts with a user message (templates expect that). `count_tokens` may raise ValueError for a
-    conversation too long to render at all, which counts as not fitting. Returns how many
-    messages were dropped; raises ContextFullError, leaving `conv` as it was, when even the
-    system prompt and the newest message do not fit.
-    """
-    turns = list(conv.turns)  # trimmed copy; `conv` changes only when it fits
-    dropped = 0
-    while True:
-        try:
-            n = count_tokens(Conversation(conv.system, turns).messages())
-            error = None
-        except ValueError as e:
-            n, error = None, e
-        if n is not None and n <= budget:
-            conv.turns[:] = turns
-            return dropped
-        if len(turns) <= 1:
-            detail = str(error) if error is not None else f"it has {n} tokens"
-            raise ContextFullError(f"the message does not fit the context: {detail}; the "
-                                   f"prompt may use {budget} tokens, the rest is for the answer")
-        del turns[0]
-        dropped += 1
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            del turns[0]
-            dropped += 1
+        while True:
+            text = reader.read()
+            if text is None:
+                return 0
+            if not text.strip():
+                continue
+            try:
+                check_unicode(text, "the message")
+            except ValueError as e:
+                session.note(f"[{e}]", error=True)
+                continue
+            if text.startswith("/") and not text.startswith("//"):
+                if not session.command(text):
+                    return 0
+                continue
+            session.ask(text[1:] if text.startswith("//") else text)
+    finally:
+        reader.save_history()

@@ -39,6 +39,25 @@ class ModelConfig:
         """Bytes of the K and V caches for n_ctx positions."""
         return 2 * self.n_layers * n_ctx * self.kv_dim * (2 if kv_f16 else 4)
 
+    def to_metadata(self) -> dict[str, int | float]:
+        """The GGUF `llama.*` keys that describe this config (what gguf_file reads back)."""
+        md: dict[str, int | float] = {
+            "llama.vocab_size": self.n_vocab,
+            "llama.context_length": self.context_length,
+            "llama.embedding_length": self.dim,
+            "llama.block_count": self.n_layers,
+            "llama.feed_forward_length": self.ffn_dim,
+            "llama.rope.dimension_count": self.n_rot,
+            "llama.attention.head_count": self.n_heads,
+            "llama.attention.head_count_kv": self.n_kv_heads,
+            "llama.attention.layer_norm_rms_epsilon": self.rms_eps,
+            "llama.rope.freq_base": self.rope_base,
+        }
+        if self.q_dim != self.dim:  # readers take head size = dim / n_heads otherwise
+            md["llama.attention.key_length"] = self.head_dim
+            md["llama.attention.value_length"] = self.head_dim
+        return md
+
     def to_hparams(self) -> dict[str, int | float]:
         """The dict the native core's Model constructor takes."""
         d = asdict(self)

@@ -18,10 +18,12 @@ from alpaca_cpu import _core
 from alpaca_cpu.system import physical_cores
 
 from . import metadata as kv
+from .detect import open_source
 from .errors import ConvertError
+from .hparams import tensor_shapes
 from .lora import LoraAdapter
 from .quant_plan import FILE_TYPES, OUTTYPES, PlannedTensor, plan
-from .source import Source, open_source
+from .source import Source
 from .writer import check_output, write_gguf
 
 
@@ -117,7 +119,7 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
 
     source = open_source(input_path)
     adapter = LoraAdapter(Path(lora), source.params) if lora is not None else None
-    tensors = plan(source.params.tensor_shapes(), qtype, source.params.tied_embeddings)
+    tensors = plan(tensor_shapes(source.params), qtype, source.params.tied_embeddings)
     entries = source.metadata() + [
         kv.u32("general.file_type", int(FILE_TYPES[qtype])),
         kv.u32("general.quantization_version", GGML_QUANT_VERSION),

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from alpaca_cpu.config import ModelConfig
+
 from .errors import ConvertError
-from .hparams import LlamaParams
-from .sources_hf import gguf_name, permute_for_gguf
+from .hf_layout import gguf_name, permute_for_gguf
+from .hparams import tensor_shapes
 from .tensor_io import PickleFile, SafetensorsFile
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight")
@@ -35,7 +37,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 class LoraAdapter:
     """The low-rank updates of one adapter, keyed by GGUF tensor name."""
 
-    def __init__(self, folder: Path, params: LlamaParams) -> None:
+    def __init__(self, folder: Path, params: ModelConfig) -> None:
         self.path = folder
         config_path = folder / "adapter_config.json"
         if not config_path.is_file():
@@ -56,7 +58,7 @@ class LoraAdapter:
                                    "matrices of linear layers can be merged)")
             pairs.setdefault(m.group("module"), {})[m.group("ab")] = value
 
-        shapes = params.tensor_shapes()
+        shapes = tensor_shapes(params)
         self.params = params
         self.updates: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
         for module, ab in sorted(pairs.items()):

@@ -18,7 +18,7 @@ from alpaca_cpu.errors import ModelFileError
 from alpaca_cpu.gguf_file import open_model_file
 
 from .errors import ConvertError
-from .hparams import LlamaParams
+from .hparams import tensor_shapes
 from .metadata import KeyValue
 from .source import Source
 
@@ -35,13 +35,8 @@ class GgufSource(Source):
             self.model_file = open_model_file(path)
         except ModelFileError as e:
             raise ConvertError(str(e)) from None
-        c = self.model_file.config
-        self.params = LlamaParams(
-            n_vocab=c.n_vocab, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
-            n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim, rms_eps=c.rms_eps,
-            rope_base=c.rope_base, context_length=c.context_length,
-            tied_embeddings=c.tied_embeddings)
-        self._shapes = self.params.tensor_shapes()
+        self.params = self.model_file.config
+        self._shapes = tensor_shapes(self.params)
 
     def raw(self, name: str) -> tuple[T, np.ndarray]:
         t = self.model_file.tensors[name]

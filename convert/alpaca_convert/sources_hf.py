@@ -1,7 +1,6 @@
 """Hugging Face `LlamaForCausalLM` checkpoints: config.json + safetensors or pytorch_model*.bin.
 
-HF stores q_proj / k_proj rows in rotate-half order (the pair of a row i is row i + head_dim/2);
-GGUF `llama` wants Meta's interleaved pairs (rows 2i, 2i+1), so those rows are permuted back.
+Tensor names and the q/k row permutation are in hf_layout.
 """
 
 from __future__ import annotations
@@ -14,63 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from alpaca_cpu.config import ModelConfig
+
 from . import metadata as kv
 from .errors import ConvertError
-from .hparams import LlamaParams
+from .hf_layout import IGNORED, gguf_name, permute_for_gguf
+from .hparams import check_config, config_metadata, tensor_shapes
 from .metadata import KeyValue
 from .source import Source
 from .tensor_io import PickleFile, SafetensorsFile
 from .tokenizer import find_tokenizer, tokenizer_metadata
 
 ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
-
-_TOP_LEVEL = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_IN_BLOCK = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# Buffers some exports save beside the weights; recomputed at load, never converted.
-_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """HF parameter name -> GGUF tensor name (None when it is not a LLaMA weight)."""
-    if hf_name in _TOP_LEVEL:
-        return _TOP_LEVEL[hf_name]
-    m = _BLOCK.fullmatch(hf_name)
-    if m and m.group(2) in _IN_BLOCK:
-        return f"blk.{int(m.group(1))}.{_IN_BLOCK[m.group(2)]}"
-    return None
-
-
-def rotate_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder the rows of each head from (first halves, second halves) to interleaved pairs."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    return (w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:])
-             .swapaxes(1, 2).reshape(w.shape))
-
-
-def permute_for_gguf(name: str, w: np.ndarray, params: LlamaParams) -> np.ndarray:
-    """Apply the RoPE row permutation to attn_q / attn_k rows (any other tensor unchanged)."""
-    if name.endswith(".attn_q.weight"):
-        return rotate_half_to_interleaved(w, params.n_heads)
-    if name.endswith(".attn_k.weight"):
-        return rotate_half_to_interleaved(w, params.n_kv_heads)
-    return w
-
 
 def _load_json(path: Path) -> dict[str, Any]:
     try:
@@ -82,7 +36,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def params_from_config(path: Path, cfg: dict[str, Any]) -> LlamaParams:
+def params_from_config(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures")
     if archs is not None:
         if not (isinstance(archs, list) and any(a in ARCHITECTURES for a in archs)):
@@ -115,15 +69,15 @@ def params_from_config(path: Path, cfg: dict[str, Any]) -> LlamaParams:
     head_dim = cfg.get("head_dim") or (dim // n_heads if isinstance(dim, int)
                                        and isinstance(n_heads, int) and n_heads else 0)
     try:
-        params = LlamaParams(
+        params = ModelConfig(
             n_vocab=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"),
-            n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, n_rot=head_dim,
             ffn_dim=need("intermediate_size"), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_base=float(rope_base), context_length=cfg.get("max_position_embeddings", 2048),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     except (TypeError, ValueError) as e:
         raise ConvertError(f"{path}: a hyper-parameter is not a number ({e})") from None
-    return params.check(str(path))
+    return check_config(params, str(path))
 
 
 def _check_numbered(folder: Path, files: list[Path], what: str) -> None:
@@ -182,7 +136,7 @@ class HfSource(Source):
         config_path = folder / "config.json"
         self.config = _load_json(config_path)
         self.params = params_from_config(config_path, self.config)
-        self._shapes = self.params.tensor_shapes()
+        self._shapes = tensor_shapes(self.params)
         self.tokenizer_path = find_tokenizer(folder)
         self.files, self.file_kind = _weight_files(folder)
         # GGUF name -> (file, HF name, reader of that file, stored dtype)
@@ -194,7 +148,7 @@ class HfSource(Source):
                 if name == "output.weight" and self.params.tied_embeddings:
                     continue  # a saved copy of the tied embedding: the engine reuses token_embd
                 if name is None:
-                    if not _IGNORED.fullmatch(hf_name):
+                    if not IGNORED.fullmatch(hf_name):
                         unexpected.append(f"{hf_name} (in {f.name})")
                     continue
                 if name in self._where:
@@ -238,7 +192,7 @@ class HfSource(Source):
         repo = self.config.get("_name_or_path")
         url = (f"https://huggingface.co/{repo}" if isinstance(repo, str)
                and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) else None)
-        return kv.general(self.path.resolve().name, url) + self.params.metadata() + tok_kv
+        return kv.general(self.path.resolve().name, url) + config_metadata(self.params) + tok_kv
 
     def describe(self) -> str:
         n = len(self.files)

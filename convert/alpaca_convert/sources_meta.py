@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from alpaca_cpu.config import ModelConfig
+
 from . import metadata as kv
 from .errors import ConvertError
-from .hparams import LlamaParams
+from .hparams import check_config, config_metadata, tensor_shapes
 from .metadata import KeyValue
 from .source import Source
 from .tensor_io import PickleFile
@@ -109,7 +111,7 @@ class MetaSource(Source):
                                f"consolidated.00 .. {len(shards) - 1:02d} (missing: {missing})")
         return shards
 
-    def _params(self, path: Path, p: dict[str, Any]) -> LlamaParams:
+    def _params(self, path: Path, p: dict[str, Any]) -> ModelConfig:
         def need(key: str) -> Any:
             if key not in p:
                 raise ConvertError(f"{path}: missing '{key}'")
@@ -125,15 +127,16 @@ class MetaSource(Source):
         try:
             ffn_dim = p.get("hidden_dim") or _ffn_dim(dim, need("multiple_of"),
                                                       p.get("ffn_dim_multiplier"))
-            params = LlamaParams(
+            head_dim = p.get("head_dim") or dim // n_heads
+            params = ModelConfig(
                 n_vocab=n_vocab, dim=dim, n_layers=need("n_layers"), n_heads=n_heads,
-                n_kv_heads=p.get("n_kv_heads") or n_heads,
-                head_dim=p.get("head_dim") or dim // n_heads, ffn_dim=ffn_dim,
+                n_kv_heads=p.get("n_kv_heads") or n_heads, head_dim=head_dim, n_rot=head_dim,
+                ffn_dim=ffn_dim,
                 rms_eps=float(need("norm_eps")), rope_base=float(p.get("rope_theta", 10000.0)),
                 context_length=_context_length(p), tied_embeddings=False)
         except (TypeError, ValueError, ZeroDivisionError) as e:
             raise ConvertError(f"{path}: a hyper-parameter is not a valid number ({e})") from None
-        return params.check(str(path))
+        return check_config(params, str(path))
 
     def _check_tensors(self) -> None:
         n = len(self.shards)
@@ -153,7 +156,7 @@ class MetaSource(Source):
             raise ConvertError(f"{self.path}: shard count mismatch: found {n} consolidated.NN.pth "
                                f"file(s), but each holds 1/{self.params.q_dim // q_rows} of "
                                "attention.wq (a shard is missing or extra)")
-        shapes = self.params.tensor_shapes()
+        shapes = tensor_shapes(self.params)
         for meta, (gguf, axis) in self._names.items():
             parts = [s.shape(meta) for s in self.shards]
             if axis is REPLICATED:
@@ -186,7 +189,7 @@ class MetaSource(Source):
     def metadata(self) -> list[KeyValue]:
         tok_kv, self.tokenizer_description = tokenizer_metadata(
             self.tokenizer_path, self.path, self.params.n_vocab, add_bos_eos=(True, False))
-        return kv.general(self.path.resolve().name) + self.params.metadata() + tok_kv
+        return kv.general(self.path.resolve().name) + config_metadata(self.params) + tok_kv
 
     def describe(self) -> str:
         n = len(self.shards)

@@ -85,6 +85,53 @@ class LlamaState:
     n_ctx: int
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, with those of the `top` most likely tokens."""
+
+    token: str  # the token's text
+    logprob: float
+    top: dict[str, float]  # token text -> log-probability
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step of a completion inside the library; the API shapes steps into OpenAI dicts.
+
+    A step per generated token, then a last step (token None) that carries the finish reason
+    and any text held back until the end (an unfinished character, a possible stop string).
+    """
+
+    text: str  # the text delta; never part of a stop string, and "" while one may be pending
+    token: int | None  # the generated token id; None in the last step
+    logprobs: TokenLogprob | None  # when the caller asked for logprobs
+    n_completion: int  # tokens generated so far
+    finish_reason: str | None = None  # in the last step only: "stop" or "length"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion, collected from its steps."""
+
+    text: str
+    finish_reason: str
+    n_prompt: int
+    n_completion: int
+    logprobs: list[tuple[TokenLogprob, int]]  # with the text offset of each token
+
+
+def _openai_logprobs(entries: list[tuple[TokenLogprob, int]]) -> dict[str, Any]:
+    return {"tokens": [e.token for e, _ in entries],
+            "text_offset": [offset for _, offset in entries],
+            "token_logprobs": [e.logprob for e, _ in entries],
+            "top_logprobs": [e.top for e, _ in entries]}
+
+
+def _openai_usage(done: Completion) -> dict[str, int]:
+    return {"prompt_tokens": done.n_prompt, "completion_tokens": done.n_completion,
+            "total_tokens": done.n_prompt + done.n_completion}
+
+
 @dataclass
 class EvalStats:
     """What the last prompt evaluation did (reused prefix vs newly computed tokens)."""
@@ -331,12 +378,12 @@ class Llama:
             if held:
                 self._turn.release()
 
-    def _completion_events(self, prompt_tokens: list[int], max_tokens: int | None,
-                           params: SamplingParams, rng: np.random.Generator,
-                           stop: Sequence[str], logprobs: int | None, context_shift: bool,
-                           n_keep: int) -> Iterator[dict[str, Any]]:
-        """Text deltas of a completion: {'text', 'tokens', 'logprobs'} and a final
-        {'finish_reason', 'n_completion'}. Text never contains part of a stop string."""
+    def _completion_steps(self, prompt_tokens: list[int], max_tokens: int | None,
+                          params: SamplingParams, rng: np.random.Generator,
+                          stop: Sequence[str], logprobs: int | None, context_shift: bool,
+                          n_keep: int) -> Iterator[GenerationStep]:
+        """A step per generated token, then a last step with the finish reason and the text
+        held back until the end. Text never contains part of a stop string."""
         decoder = StreamingDecoder(self.tokenizer_, from_start=False)
         stops = StopStringFilter(stop)
         n = 0
@@ -353,9 +400,7 @@ class Llama:
                     lp = None
                     if logprobs is not None:
                         lp = self._logprob_entry(tok, logits, logprobs)
-                    text = stops.push(decoder.feed(tok))
-                    if text or lp is not None:
-                        yield {"text": text, "token": tok, "logprobs": lp}
+                    yield GenerationStep(stops.push(decoder.feed(tok)), tok, lp, n)
                     if stops.stopped:
                         finish = "stop"
                         break
@@ -365,21 +410,38 @@ class Llama:
                         break  # like llama-cpp-python: prompt + completion never exceed n_ctx
             finally:
                 gen.close()
-        if not stops.stopped:
-            tail = stops.push(decoder.flush()) + stops.flush()
-            if tail:
-                yield {"text": tail, "token": None, "logprobs": None}
-        yield {"finish_reason": finish, "n_completion": n}
+        tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
+        yield GenerationStep(tail, None, None, n, finish)
 
-    def _logprob_entry(self, tok: int, logits: np.ndarray, top: int) -> dict[str, Any]:
+    def _logprob_entry(self, tok: int, logits: np.ndarray, top: int) -> TokenLogprob:
         lps = token_logprobs(logits)
         best = np.argsort(-lps)[: max(top, 0)]
         piece = self.tokenizer_.token_to_piece
-        return {
-            "token": piece(tok).decode("utf-8", "replace"),
-            "logprob": float(lps[tok]),
-            "top": {piece(int(i)).decode("utf-8", "replace"): float(lps[i]) for i in best},
-        }
+        return TokenLogprob(
+            token=piece(tok).decode("utf-8", "replace"),
+            logprob=float(lps[tok]),
+            top={piece(int(i)).decode("utf-8", "replace"): float(lps[i]) for i in best},
+        )
+
+    def _collect(self, steps: Iterator[GenerationStep], n_prompt: int,
+                 echo_text: str = "") -> Completion:
+        """A whole completion from its steps (echo_text first); prints timings when verbose."""
+        t0 = time.perf_counter()
+        parts, lps, offset = [echo_text], [], len(echo_text)
+        try:
+            for step in steps:
+                if step.logprobs is not None:
+                    lps.append((step.logprobs, offset))
+                parts.append(step.text)
+                offset += len(step.text)
+                if step.finish_reason is not None:
+                    self._timing(n_prompt, step.n_completion,
+                                 time.perf_counter() - t0 - self.last_eval.seconds)
+                    return Completion("".join(parts), step.finish_reason, n_prompt,
+                                      step.n_completion, lps)
+        finally:
+            steps.close()  # also when interrupted: frees the model now
+        raise AssertionError("the last step of a completion has a finish reason")
 
     # ---- completions ---------------------------------------------------------------------
 
@@ -420,6 +482,18 @@ class Llama:
                              f"{self.n_ctx()}; use a larger n_ctx or a shorter prompt")
         return tokens
 
+    def _start(self, prompt: str | Sequence[int], params: SamplingParams, *,
+               max_tokens: int | None, stop: str | Sequence[str] | None, seed: int | None,
+               logprobs: int | None, context_shift: bool,
+               n_keep: int) -> tuple[list[int], Iterator[GenerationStep]]:
+        """Check a completion's arguments now; its prompt tokens and its (lazy) steps."""
+        stops = self._check_common(max_tokens, logprobs, stop)
+        rng = self._rng_for(seed)
+        tokens = self._prompt_tokens(prompt)
+        params.validate(self.n_vocab())
+        return tokens, self._completion_steps(tokens, max_tokens, params, rng, stops, logprobs,
+                                              context_shift, n_keep)
+
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 256,
                           temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,
                           min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -434,25 +508,25 @@ class Llama:
         max_tokens=None generates until an end-of-generation token, a stop string or a full
         context (which, with context_shift=True, is shifted instead).
         """
-        stops = self._check_common(max_tokens, logprobs, stop)
-        rng = self._rng_for(seed)
-        tokens = self._prompt_tokens(prompt)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                 presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, logit_bias=logit_bias)
-        params.validate(self.n_vocab())
+        tokens, steps = self._start(prompt, params, max_tokens=max_tokens, stop=stop, seed=seed,
+                                    logprobs=logprobs, context_shift=context_shift,
+                                    n_keep=n_keep)
         echo_text = ""
         if echo:
             echo_text = (prompt if isinstance(prompt, str)
                          else self.detokenize(tokens).decode("utf-8", "replace"))
-        events = self._completion_events(tokens, max_tokens, params, rng, stops, logprobs,
-                                         context_shift, n_keep)
         meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model_path}
         if stream:
-            return self._stream_completion(meta, events, echo_text, logprobs)
-        return self._collect_completion(meta, events, tokens, echo_text, logprobs)
+            return self._stream_completion(meta, steps, echo_text, logprobs)
+        done = self._collect(steps, len(tokens), echo_text)
+        choice = {"text": done.text, "index": 0, "finish_reason": done.finish_reason,
+                  "logprobs": _openai_logprobs(done.logprobs) if logprobs is not None else None}
+        return {**meta, "choices": [choice], "usage": _openai_usage(done)}
 
     __call__ = create_completion
 
@@ -465,33 +539,7 @@ class Llama:
                   f"evaluated, {pp:.1f} t/s); generated {n_completion} tokens ({tg:.1f} t/s)",
                   file=sys.stderr)
 
-    def _collect_completion(self, meta: dict[str, Any], events: Iterator[dict[str, Any]],
-                            prompt_tokens: list[int], echo_text: str,
-                            logprobs: int | None) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        parts, lps, finish, n = [echo_text], [], "length", 0
-        for ev in events:
-            if "finish_reason" in ev:
-                finish, n = ev["finish_reason"], ev["n_completion"]
-            else:
-                parts.append(ev["text"])
-                if ev["logprobs"] is not None:
-                    lps.append((ev["logprobs"], len("".join(parts)) - len(ev["text"])))
-        self._timing(len(prompt_tokens), n, time.perf_counter() - t0 - self.last_eval.seconds)
-        choice = {"text": "".join(parts), "index": 0, "finish_reason": finish,
-                  "logprobs": self._openai_logprobs(lps) if logprobs is not None else None}
-        return {**meta, "choices": [choice],
-                "usage": {"prompt_tokens": len(prompt_tokens), "completion_tokens": n,
-                          "total_tokens": len(prompt_tokens) + n}}
-
-    @staticmethod
-    def _openai_logprobs(entries: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
-        return {"tokens": [e["token"] for e, _ in entries],
-                "text_offset": [off for _, off in entries],
-                "token_logprobs": [e["logprob"] for e, _ in entries],
-                "top_logprobs": [e["top"] for e, _ in entries]}
-
-    def _stream_completion(self, meta: dict[str, Any], events: Iterator[dict[str, Any]],
+    def _stream_completion(self, meta: dict[str, Any], steps: Iterator[GenerationStep],
                            echo_text: str, logprobs: int | None) -> Iterator[dict[str, Any]]:
         def chunk(text: str, finish: str | None, lp: Any = None) -> dict[str, Any]:
             return {**meta, "choices": [{"text": text, "index": 0, "logprobs": lp,
@@ -501,16 +549,17 @@ class Llama:
             offset = len(echo_text)
             yield chunk(echo_text, None)
         try:
-            for ev in events:
-                if "finish_reason" in ev:
-                    yield chunk("", ev["finish_reason"])
+            for step in steps:
+                if step.text or step.logprobs is not None:
+                    lp = (_openai_logprobs([(step.logprobs, offset)])
+                          if logprobs is not None and step.logprobs is not None else None)
+                    offset += len(step.text)
+                    yield chunk(step.text, None, lp)
+                if step.finish_reason is not None:
+                    yield chunk("", step.finish_reason)
                     return
-                lp = (self._openai_logprobs([(ev["logprobs"], offset)])
-                      if logprobs is not None and ev["logprobs"] is not None else None)
-                offset += len(ev["text"])
-                yield chunk(ev["text"], None, lp)
         finally:
-            events.close()  # a stream dropped half-way frees the model now
+            steps.close()  # a stream dropped half-way frees the model now
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -552,23 +601,24 @@ class Llama:
         """Answer a conversation; OpenAI `chat.completion` shape (or chunks when streaming)."""
         tokens = self.render_chat(messages)
         stops = self._check_common(max_tokens, None, stop) + list(self._chat.stop)
-        result = self.create_completion(
-            tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, stop=stops, seed=seed, stream=stream,
-            logit_bias=logit_bias, repeat_last_n=repeat_last_n, context_shift=context_shift)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+        tokens, steps = self._start(tokens, params, max_tokens=max_tokens, stop=stops, seed=seed,
+                                    logprobs=None, context_shift=context_shift, n_keep=0)
         cid = f"chatcmpl-{uuid.uuid4()}"
-        if not stream:
-            assert isinstance(result, dict)
-            c = result["choices"][0]
-            return {"id": cid, "object": "chat.completion", "created": result["created"],
-                    "model": self.model_path,
-                    "choices": [{"index": 0, "finish_reason": c["finish_reason"], "logprobs": None,
-                                 "message": {"role": "assistant", "content": c["text"]}}],
-                    "usage": result["usage"]}
-        return self._stream_chat(cid, result)
+        if stream:
+            return self._stream_chat(cid, steps)
+        created = int(time.time())
+        done = self._collect(steps, len(tokens))
+        return {"id": cid, "object": "chat.completion", "created": created,
+                "model": self.model_path,
+                "choices": [{"index": 0, "finish_reason": done.finish_reason, "logprobs": None,
+                             "message": {"role": "assistant", "content": done.text}}],
+                "usage": _openai_usage(done)}
 
-    def _stream_chat(self, cid: str, chunks: Any) -> Iterator[dict[str, Any]]:
+    def _stream_chat(self, cid: str, steps: Iterator[GenerationStep]) -> Iterator[dict[str, Any]]:
         created = int(time.time())
 
         def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
@@ -578,14 +628,14 @@ class Llama:
                                  "finish_reason": finish}]}
         try:
             yield chunk({"role": "assistant"}, None)
-            for c in chunks:
-                ch = c["choices"][0]
-                if ch["finish_reason"] is not None:
-                    yield chunk({}, ch["finish_reason"])
-                elif ch["text"]:
-                    yield chunk({"content": ch["text"]}, None)
+            for step in steps:
+                if step.text:
+                    yield chunk({"content": step.text}, None)
+                if step.finish_reason is not None:
+                    yield chunk({}, step.finish_reason)
+                    return
         finally:
-            chunks.close()
+            steps.close()
 
     # ---- state ---------------------------------------------------------------------------
 

@@ -178,6 +178,57 @@ def test_chat_refuses_bad_sampling_parameters(llm: Llama, fresh_answers: tuple[s
     assert_usable(llm, fresh_answers)
 
 
+# ---- output shapes --------------------------------------------------------------------------
+# The library generates typed steps (llama.GenerationStep); the OpenAI-shaped dicts are built
+# from them at the API. Streamed and whole answers must be the same answer, chunk by chunk.
+
+
+def test_streamed_and_whole_completions_agree(llm: Llama) -> None:
+    kwargs = {"prompt": PROBE_PROMPT, "max_tokens": PROBE_TOKENS, "temperature": 0,
+              "logprobs": 2, "echo": True}
+    whole = llm(**kwargs)
+    chunks = list(llm(**kwargs, stream=True))
+    choice = whole["choices"][0]
+    assert whole["object"] == "text_completion" and whole["usage"] == {
+        "prompt_tokens": len(llm.tokenize(PROBE_PROMPT.encode())),
+        "completion_tokens": PROBE_TOKENS,
+        "total_tokens": len(llm.tokenize(PROBE_PROMPT.encode())) + PROBE_TOKENS}
+    assert choice["finish_reason"] == "length" and choice["text"].startswith(PROBE_PROMPT)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [
+        "length"]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == PROBE_TOKENS
+    for key in ("tokens", "text_offset", "token_logprobs", "top_logprobs"):
+        assert [x for s in streamed for x in s[key]] == lp[key], key
+    before = 0  # each token's text_offset is where its chunk's text starts
+    for c in chunks:
+        if c["choices"][0]["logprobs"]:
+            assert c["choices"][0]["logprobs"]["text_offset"] == [before]
+        before += len(c["choices"][0]["text"])
+    assert lp["text_offset"][0] == len(PROBE_PROMPT)
+
+
+def test_streamed_and_whole_chat_completions_agree(llm: Llama) -> None:
+    messages = [{"role": "user", "content": PROBE_PROMPT}]
+    whole = llm.create_chat_completion(messages, max_tokens=PROBE_TOKENS, temperature=0)
+    chunks = list(llm.create_chat_completion(messages, max_tokens=PROBE_TOKENS, temperature=0,
+                                             stream=True))
+    choice = whole["choices"][0]
+    assert whole["object"] == "chat.completion" and whole["id"].startswith("chatcmpl-")
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens"] == PROBE_TOKENS
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant"} and deltas[-1] == {}
+    assert all(list(d) == ["content"] and d["content"] for d in deltas[1:-1])
+    assert "".join(d["content"] for d in deltas[1:-1]) == choice["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [
+        "length"]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+
+
 # ---- tokens in, tokens out ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -136,6 +136,23 @@ def test_missing_tokenizer(layout: str, hf_dir: Path, meta_dir: Path, tmp_path: 
         convert(folder, tmp_path / "out.gguf")
 
 
+@pytest.mark.parametrize("layout, name", [("hf", "config.json"), ("hf", "tokenizer_config.json"),
+                                          ("meta", "params.json"), ("lora", "adapter_config.json")])
+@pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object"),
+                                           ("{broken", r"cannot read JSON \(Expecting")])
+def test_json_files_must_hold_an_object(layout: str, name: str, text: str, message: str,
+                                        hf_dir: Path, meta_dir: Path, tmp_path: Path) -> None:
+    folder = copy(meta_dir if layout == "meta" else hf_dir, tmp_path / "ckpt")
+    lora = None
+    if layout == "lora":
+        lora = tmp_path / "adapter"
+        lora.mkdir()
+    bad = (lora or folder) / name
+    bad.write_text(text)
+    with pytest.raises(ConvertError, match=rf"^{bad}: {message}"):
+        convert(folder, tmp_path / "out.gguf", lora=lora)
+
+
 def edit_config(folder: Path, **changes: object) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(cfg | changes))

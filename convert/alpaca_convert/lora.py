@@ -8,7 +8,6 @@ the base weights.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from alpaca_cpu.config import ModelConfig
 from .errors import ConvertError
 from .hf_layout import gguf_name, permute_for_gguf
 from .hparams import tensor_shapes
+from .json_file import read_json_object
 from .tensor_io import PickleFile, SafetensorsFile
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight")
@@ -43,10 +43,7 @@ class LoraAdapter:
         if not config_path.is_file():
             raise ConvertError(f"{folder}: missing adapter_config.json (expected a PEFT LoRA "
                                "adapter folder)")
-        try:
-            cfg = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConvertError(f"{config_path}: cannot read JSON ({e})") from None
+        cfg = read_json_object(config_path)
         self._check_config(config_path, cfg)
         weights = self._load(folder)
 
@@ -87,9 +84,7 @@ class LoraAdapter:
             raise ConvertError(f"{folder}: the adapter holds no LoRA weights")
 
     @staticmethod
-    def _check_config(path: Path, cfg: Any) -> None:
-        if not isinstance(cfg, dict):
-            raise ConvertError(f"{path}: expected a JSON object")
+    def _check_config(path: Path, cfg: dict[str, Any]) -> None:
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ConvertError(f"{path}: peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
         for key in ("r", "lora_alpha"):

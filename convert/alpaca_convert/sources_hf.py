@@ -5,7 +5,6 @@ Tensor names and the q/k row permutation are in hf_layout.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,22 +18,13 @@ from . import metadata as kv
 from .errors import ConvertError
 from .hf_layout import IGNORED, gguf_name, permute_for_gguf
 from .hparams import check_config, config_metadata, tensor_shapes
+from .json_file import read_json_object
 from .metadata import KeyValue
 from .source import Source
 from .tensor_io import PickleFile, SafetensorsFile
 from .tokenizer import find_tokenizer, tokenizer_metadata
 
 ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object")
-    return data
-
 
 def params_from_config(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures")
@@ -104,7 +94,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
         stem = single.split(".")[0]
         numbered = sorted(folder.glob(f"{stem}-*-of-*.{ext}"))
         if index.is_file():
-            weight_map = _load_json(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConvertError(f"{index}: missing or empty 'weight_map'")
             names = sorted(set(map(str, weight_map.values())))
@@ -134,7 +124,7 @@ class HfSource(Source):
     def __init__(self, folder: Path) -> None:
         self.path = folder
         config_path = folder / "config.json"
-        self.config = _load_json(config_path)
+        self.config = read_json_object(config_path)
         self.params = params_from_config(config_path, self.config)
         self._shapes = tensor_shapes(self.params)
         self.tokenizer_path = find_tokenizer(folder)

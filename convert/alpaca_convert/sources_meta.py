@@ -8,7 +8,6 @@ copied into every shard.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from alpaca_cpu.config import ModelConfig
 from . import metadata as kv
 from .errors import ConvertError
 from .hparams import check_config, config_metadata, tensor_shapes
+from .json_file import read_json_object
 from .metadata import KeyValue
 from .source import Source
 from .tensor_io import PickleFile
@@ -80,12 +80,7 @@ class MetaSource(Source):
     def __init__(self, folder: Path) -> None:
         self.path = folder
         params_path = folder / "params.json"
-        try:
-            p = json.loads(params_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConvertError(f"{params_path}: cannot read JSON ({e})") from None
-        if not isinstance(p, dict):
-            raise ConvertError(f"{params_path}: expected a JSON object")
+        p = read_json_object(params_path)
         self.tokenizer_path = find_tokenizer(folder, search_parent=True)
         self.shard_paths = self._find_shards(folder)
         self.shards = [PickleFile(f) for f in self.shard_paths]

@@ -7,7 +7,6 @@ tokens, whether BOS/EOS are added, and the chat template.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from gguf import TokenType
 
 from . import metadata as kv
 from .errors import ConvertError
+from .json_file import read_json_object
 from .metadata import KeyValue
 from .tokenizer_bpe import bpe_vocab
 from .tokenizer_spm import spm_vocab
@@ -26,15 +26,8 @@ _SPECIAL_NAMES = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object")
-    return data
+    """An optional JSON file: {} when absent."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:

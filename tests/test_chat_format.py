@@ -112,7 +112,7 @@ def test_alpaca_refuses_conversations_it_cannot_express(messages: list, match: s
 
 
 def test_chatml_renders_the_golden_chatml_prompt() -> None:
-    # ../shared/golden/smollm2_greedy.json, case "chatml": llama.cpp's prompt for this request.
+    # tests/data/smollm2_greedy.json, case "chatml": llama.cpp's prompt for this request.
     # (SmolLM2's own template adds a default system message, so it renders a longer prompt.)
     assert ChatMLChatFormatter().render(COLORS) == (
         "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n"

@@ -1,7 +1,7 @@
 """convert-weights on an existing GGUF file: the real SmolLM2 Q4_1 file re-quantized to Q8_0.
 
 llama.cpp's own Q8_0 re-quantization of this file is not available here (only its sha256 and
-its logits, ../shared/golden), so the tensors are checked against gguf.quants applied to the
+its logits, tests/data), so the tensors are checked against gguf.quants applied to the
 same dequantized weights, and our engine on our file must meet the teacher-forced criteria of
 the golden `q8_0` cases (test_golden_logits.py).
 """

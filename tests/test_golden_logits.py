@@ -1,7 +1,7 @@
 """The engine matches llama.cpp's logits on the real model (SmolLM2-135M-Instruct).
 
 Teacher forcing: the prompt ids and llama.cpp's 48 greedy ids are fed in, and at every step our
-logits are compared with llama.cpp's top-5 (../shared/golden/smollm2_greedy.json).
+logits are compared with llama.cpp's top-5 (tests/data/smollm2_greedy.json).
 """
 
 from __future__ import annotations

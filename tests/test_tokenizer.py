@@ -7,7 +7,6 @@ itself for a SentencePiece BPE model trained here on text this file writes.
 from __future__ import annotations
 
 import io
-import json
 import random
 import unicodedata
 from collections.abc import Sequence
@@ -19,8 +18,6 @@ import sentencepiece as spm
 
 from alpaca_cpu.tokenizer import StreamingDecoder, Tokenizer, TokenType
 from alpaca_cpu.tokenizer_bpe import BYTE_TO_UNICODE
-
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 # ---- a SentencePiece model trained here ---------------------------------------------------------
 
@@ -355,8 +352,8 @@ def smol(smollm2_path: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def golden_cases() -> list[dict[str, Any]]:
-    cases = json.loads((GOLDEN_DIR / "smollm2_tokenizer.json").read_text())["cases"]
+def golden_cases(golden_tokenizer: dict[str, Any]) -> list[dict[str, Any]]:
+    cases = golden_tokenizer["cases"]
     assert len(cases) >= 9
     return cases
 

@@ -12,7 +12,6 @@ import mmap
 import os
 import random
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

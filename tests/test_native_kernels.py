@@ -3,8 +3,9 @@
 Built with the host compiler it compares every kernel table this machine has with the scalar
 one (x86-64: avx2). Cross-compiled for aarch64 and run under qemu-aarch64 on a CPU model with
 and one without dotprod (tests/native/run_neon_qemu.sh), it tests both NEON tables, so the ARM
-path is run, not just compiled. The cross tools are required, not optional: CI installs them
-with .ci/install-cross.sh.
+path is run, not just compiled. Without the cross tools that test is skipped (saying how to
+install them); CI installs them with .ci/install-cross.sh and sets ALPACA_CPU_REQUIRE_ALL=1, under
+which a missing tool fails it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 import alpaca_cpu
 
@@ -59,6 +61,7 @@ def _compile(cxx: str, src: Path, flags: list[str], obj: Path) -> str:
     """Compile one file; returns the compiler's complaint, or '' on success."""
     proc = subprocess.run(
         [cxx, *COMMON_FLAGS, *flags, f"-I{CSRC}", "-c", str(src), "-o", str(obj)],
+        check=False,
         capture_output=True,
         text=True,
     )
@@ -68,7 +71,8 @@ def _compile(cxx: str, src: Path, flags: list[str], obj: Path) -> str:
 def test_native_driver_on_host(tmp_path: Path) -> None:
     arch = _host_arch()
     if arch not in ARCHES:
-        pytest.fail(f"no native kernel build known for host architecture {arch!r}")
+        require_tool(f"a native kernel build for {arch}",
+                     "this test builds the driver for x86_64 and aarch64 hosts only (ARCHES)")
     spec = ARCHES[arch]
     unlisted = sorted(
         p.name for p in CSRC.glob(spec["isa_glob"]) if p.name not in spec["isa_files"]
@@ -90,27 +94,33 @@ def test_native_driver_on_host(tmp_path: Path) -> None:
         )
     assert not any(errors), "\n".join(e for e in errors if e)
     exe = tmp_path / "test_kernels_native"
-    link = subprocess.run([cxx, *map(str, objs), "-o", str(exe)], capture_output=True, text=True)
+    link = subprocess.run([cxx, *map(str, objs), "-o", str(exe)], check=False,
+                          capture_output=True, text=True)
     assert link.returncode == 0, link.stderr
 
     # The driver's runtime detection must agree with the extension's.
     expected = ",".join(alpaca_cpu.available_isas())
     run = subprocess.run(
-        [str(exe), "--expect-isas", expected], capture_output=True, text=True, timeout=300
+        [str(exe), "--expect-isas", expected], check=False, capture_output=True, text=True,
+        timeout=300,
     )
     summary = SUMMARY.findall(run.stdout)
     assert run.returncode == 0 and summary and summary[-1][1] == "0", run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_neon_kernels_under_qemu() -> None:
     missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
     if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not on PATH: the NEON kernels are tested under qemu-aarch64. "
-            f"Install the tools with {INSTALL_SCRIPT} (apt: g++-aarch64-linux-gnu, qemu-user)."
+        require_tool(
+            " and ".join(missing),
+            f"the NEON kernels are tested under qemu-aarch64; install the tools with "
+            f"`bash {INSTALL_SCRIPT}` (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu "
+            f"qemu-user)",
         )
     run = subprocess.run(
-        ["bash", str(QEMU_SCRIPT)], capture_output=True, text=True, timeout=600, cwd=REPO
+        ["bash", str(QEMU_SCRIPT)], check=False, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
     )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out

@@ -12,7 +12,8 @@ import pytest
 
 pytest_plugins = ["pytester"]  # test_optional_tools.py runs pytest on a test of its own
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO / "tests" / "data"
 
 # Set by .ci/run: every optional tool is required, and a missing one fails the test.
 REQUIRE_ALL_VAR = "ALPACA_CPU_REQUIRE_ALL"

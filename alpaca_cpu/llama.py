@@ -179,7 +179,7 @@ class Llama:
 
     def _check_ids(self, tokens: Sequence[int], max_len: int | None = None) -> list[int]:
         """The ids as a list of ints; ValueError for anything else, or for more than max_len."""
-        # ValueError, not TypeError, for every bad input at the API (DESIGN.md, decision 14).
+        # ValueError, not TypeError, for every bad input at the API (docs/design.md, decision 14).
         if isinstance(tokens, (str, bytes, bytearray)) \
                 or not isinstance(tokens, (Sequence, np.ndarray)):
             raise ValueError(f"token ids must be a sequence of integers, got "  # noqa: TRY004

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace alpaca {
 namespace {
@@ -46,18 +47,9 @@ void quantize_row_q4_1(const float* x, block_q4_1* y, int64_t k) {
   }
 }
 
-void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) {
-  for (int64_t b = 0; b < k / QK; b++, x += QK) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    y[b].d = fp32_to_fp16(d);
-    for (int j = 0; j < QK; j++) y[b].qs[j] = int8_t(std::roundf(x[j] * id));
-  }
-}
-
-void quantize_row_q8_1(const float* x, block_q8_1* y, int64_t k) {
+// Q8_0 and Q8_1: q = roundf(x / d) with d = amax / 127; Q8_1 also keeps s = d * sum(q).
+template <typename Block>
+void quantize_row_q8(const float* x, Block* y, int64_t k) {
   for (int64_t b = 0; b < k / QK; b++, x += QK) {
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = std::max(amax, std::fabs(x[j]));
@@ -69,7 +61,7 @@ void quantize_row_q8_1(const float* x, block_q8_1* y, int64_t k) {
       sum += y[b].qs[j];
     }
     y[b].d = fp32_to_fp16(d);
-    y[b].s = fp32_to_fp16(float(sum) * d);
+    if constexpr (std::is_same_v<Block, block_q8_1>) y[b].s = fp32_to_fp16(float(sum) * d);
   }
 }
 
@@ -130,9 +122,9 @@ const TypeTraits kTraits[] = {
     {GgmlType::Q4_1, "Q4_1", QK, sizeof(block_q4_1), true, true, GgmlType::Q8_1, 4, true,
      to_float<block_q4_1, dequantize_row_q4_1>, from_float<block_q4_1, quantize_row_q4_1>},
     {GgmlType::Q8_0, "Q8_0", QK, sizeof(block_q8_0), true, true, GgmlType::Q8_0, 2, true,
-     to_float<block_q8_0, dequantize_row_q8<block_q8_0>>, from_float<block_q8_0, quantize_row_q8_0>},
+     to_float<block_q8_0, dequantize_row_q8<block_q8_0>>, from_float<block_q8_0, quantize_row_q8<block_q8_0>>},
     {GgmlType::Q8_1, "Q8_1", QK, sizeof(block_q8_1), true, false, GgmlType::Q8_1, 4, false,
-     to_float<block_q8_1, dequantize_row_q8<block_q8_1>>, from_float<block_q8_1, quantize_row_q8_1>},
+     to_float<block_q8_1, dequantize_row_q8<block_q8_1>>, from_float<block_q8_1, quantize_row_q8<block_q8_1>>},
 };
 
 // kTraits indexed by type id (null where the id is unknown). Built on first use, so that

@@ -91,12 +91,7 @@ static KernelTable make_table() {
   types[int(GgmlType::Q8_1)].from_float = erased_from_float<block_q8_1, quantize_row_q8_1>;
   types[int(GgmlType::F16)].to_float = erased_to_float<fp16_t, fp16_to_fp32_row>;
   types[int(GgmlType::F16)].from_float = erased_from_float<fp16_t, fp32_to_fp16_row>;
-  set_dots(t);  // dot products, and gemm_rows over them
-  t.mix_rows = mix_rows;
-  t.rmsnorm = rmsnorm;
-  t.softmax = softmax;
-  t.swiglu = swiglu;
-  t.axpy_f16 = axpy_f16;
+  set_portable_kernels(t);  // dot products, gemm_rows over them, elementwise kernels
   return t;
 }
 

@@ -22,11 +22,7 @@ static inline int32x4_t dot16(int32x4_t acc, int8x16_t x, int8x16_t y) {
 static KernelTable make_table() {
   KernelTable t = *neon_kernels();  // quantizers, fp16 rows, axpy: the plain NEON ones
   t.name = "neon_dotprod";
-  set_dots(t);  // the SDOT dot products, and gemm_rows over them
-  t.mix_rows = mix_rows;
-  t.rmsnorm = rmsnorm;
-  t.softmax = softmax;
-  t.swiglu = swiglu;
+  set_portable_kernels(t);  // the SDOT dot products, gemm_rows over them, elementwise kernels
   return t;
 }
 

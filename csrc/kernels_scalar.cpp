@@ -70,16 +70,10 @@ static KernelTable make_table() {
     t.types[int(tt->type)].to_float = tt->to_float;
     t.types[int(tt->type)].from_float = tt->from_float;
   }
-  set_dots(t);
+  set_portable_kernels(t);
   t.packed_bytes = ggml_packed_bytes;
   t.pack = ggml_pack;
   t.unpack_row = ggml_unpack_row;
-  t.mix_rows = mix_rows;
-  t.rmsnorm = rmsnorm;
-  t.softmax = softmax;
-  t.swiglu = swiglu;
-  t.axpy_f16 = axpy_f16;
-  t.read_bytes = read_bytes;
   return t;
 }
 

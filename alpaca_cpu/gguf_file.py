@@ -15,19 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from .config import ModelConfig
 from .errors import ModelFileError
+from .ggml_types import WEIGHT_TYPES, traits
 from .gguf_reader import GGUFFile, read_gguf
-
-SUPPORTED_TYPES = {
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q8_0,
-}
 
 # Sanity bounds on hyper-parameters: far above any real LLaMA, low enough that a lying file
 # cannot make us allocate absurd buffers.
@@ -191,12 +184,12 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
         if t.shape != shape:
             raise _err(path, f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
         qtype = t.type
-        if qtype not in SUPPORTED_TYPES:
+        if qtype not in WEIGHT_TYPES:
             raise _err(path, f"tensor '{name}' has type {qtype.name}, expected one of "
-                             f"{', '.join(sorted(q.name for q in SUPPORTED_TYPES))}")
+                             f"{', '.join(sorted(q.name for q in WEIGHT_TYPES))}")
         if len(shape) == 1 and qtype != GGMLQuantizationType.F32:
             raise _err(path, f"tensor '{name}' has type {qtype.name}, expected F32 for a norm")
-        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        block, block_bytes = traits(qtype).block_size, traits(qtype).type_size
         if shape[0] % block:  # the reader checks this too; the kernels depend on it
             raise _err(path, f"tensor '{name}' row length {shape[0]} is not a multiple of {block}")
         data = gf.tensor_data(t)

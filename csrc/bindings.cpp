@@ -20,11 +20,24 @@ using namespace alpaca;
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<uint8_t, py::array::c_style>;
 
-static GgmlType to_type(int t) {
-  switch (t) {
-    case 0: case 1: case 2: case 3: case 8: case 9: return GgmlType(t);
+// A type id from Python, refused unless it is in the type traits table.
+static GgmlType to_type(int t) { return checked_type(t); }
+
+// The type traits table (ggml_types.h) for Python: one dict per type, in id order.
+static py::list type_traits_list() {
+  py::list out;
+  for (const TypeTraits* t : all_type_traits()) {
+    py::dict d;
+    d["id"] = int(t->type);
+    d["name"] = t->name;
+    d["block_size"] = t->block_size;
+    d["type_size"] = t->type_size;
+    d["is_block"] = t->is_block;
+    d["is_weight"] = t->is_weight;
+    d["vec_dot_type"] = int(t->vec_dot_type);
+    out.append(d);
   }
-  throw std::invalid_argument("unsupported GGML type id " + std::to_string(t));
+  return out;
 }
 
 constexpr int kMaxThreads = 1024;
@@ -37,30 +50,21 @@ static const KernelTable* table(const std::string& isa) {
 static ByteArray quantize(const FloatArray& x, int type, int n_threads, const std::string& isa) {
   if (x.ndim() != 2) throw std::invalid_argument("quantize: expected a 2-D float32 array");
   const GgmlType t = to_type(type);
+  const TypeTraits& tt = type_traits(t);
   const int64_t rows = x.shape(0), cols = x.shape(1);
-  if (is_block_type(t) && cols % QK != 0)
+  if (cols % tt.block_size != 0)
     throw std::invalid_argument("quantize: row length " + std::to_string(cols) +
-                                " is not a multiple of 32");
+                                " is not a multiple of " + std::to_string(tt.block_size) + " (" +
+                                tt.name + ")");
   if (n_threads < 1 || n_threads > kMaxThreads)
     throw std::invalid_argument("quantize: n_threads must be in [1, 1024]");
-  const KernelTable* k = table(isa);
+  const FromFloatFn from_float = table(isa)->of(t, Need::FromFloat).from_float;
   const size_t rb = row_bytes(t, cols);
   ByteArray out({rows, int64_t(rb)});
   const float* src = x.data();
   uint8_t* dst = out.mutable_data();
   auto work = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      const float* xr = src + r * cols;
-      uint8_t* yr = dst + r * rb;
-      switch (t) {
-        case GgmlType::F32: std::memcpy(yr, xr, cols * 4); break;
-        case GgmlType::F16: k->fp32_to_fp16_row(xr, reinterpret_cast<fp16_t*>(yr), cols); break;
-        case GgmlType::Q4_0: k->quantize_row_q4_0(xr, reinterpret_cast<block_q4_0*>(yr), cols); break;
-        case GgmlType::Q4_1: k->quantize_row_q4_1(xr, reinterpret_cast<block_q4_1*>(yr), cols); break;
-        case GgmlType::Q8_0: k->quantize_row_q8_0(xr, reinterpret_cast<block_q8_0*>(yr), cols); break;
-        case GgmlType::Q8_1: k->quantize_row_q8_1(xr, reinterpret_cast<block_q8_1*>(yr), cols); break;
-      }
-    }
+    for (int64_t r = r0; r < r1; r++) from_float(src + r * cols, dst + r * rb, cols);
   };
   {
     py::gil_scoped_release release;
@@ -75,28 +79,19 @@ static ByteArray quantize(const FloatArray& x, int type, int n_threads, const st
 
 static FloatArray dequantize(const ByteArray& x, int type, int64_t cols, const std::string& isa) {
   const GgmlType t = to_type(type);
+  const TypeTraits& tt = type_traits(t);
   if (x.ndim() != 2) throw std::invalid_argument("dequantize: expected a 2-D uint8 array");
-  if (is_block_type(t) && cols % QK != 0)
-    throw std::invalid_argument("dequantize: row length must be a multiple of 32");
+  if (cols % tt.block_size != 0)
+    throw std::invalid_argument("dequantize: row length must be a multiple of " +
+                                std::to_string(tt.block_size) + " (" + tt.name + ")");
   const size_t rb = row_bytes(t, cols);
   if (size_t(x.shape(1)) != rb)
     throw std::invalid_argument("dequantize: rows of " + std::to_string(x.shape(1)) +
                                 " bytes, expected " + std::to_string(rb));
-  const KernelTable* k = table(isa);
+  const ToFloatFn to_float = table(isa)->of(t, Need::ToFloat).to_float;
   const int64_t rows = x.shape(0);
   FloatArray out({rows, cols});
-  for (int64_t r = 0; r < rows; r++) {
-    const uint8_t* xr = x.data() + r * rb;
-    float* yr = out.mutable_data() + r * cols;
-    switch (t) {
-      case GgmlType::F32: std::memcpy(yr, xr, cols * 4); break;
-      case GgmlType::F16: k->fp16_to_fp32_row(reinterpret_cast<const fp16_t*>(xr), yr, cols); break;
-      case GgmlType::Q4_0: k->dequantize_row_q4_0(reinterpret_cast<const block_q4_0*>(xr), yr, cols); break;
-      case GgmlType::Q4_1: k->dequantize_row_q4_1(reinterpret_cast<const block_q4_1*>(xr), yr, cols); break;
-      case GgmlType::Q8_0: k->dequantize_row_q8_0(reinterpret_cast<const block_q8_0*>(xr), yr, cols); break;
-      default: throw std::invalid_argument("dequantize: unsupported type");
-    }
-  }
+  for (int64_t r = 0; r < rows; r++) to_float(x.data() + r * rb, out.mutable_data() + r * cols, cols);
   return out;
 }
 
@@ -106,27 +101,30 @@ static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int6
                        const std::string& isa) {
   const GgmlType t = to_type(wtype);
   if (w.ndim() != 2 || act.ndim() != 2) throw std::invalid_argument("gemm: expected 2-D arrays");
-  const GgmlType at = t == GgmlType::Q4_1 ? GgmlType::Q8_1
-                      : (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) ? GgmlType::Q8_0
-                                                                        : GgmlType::F32;
+  const TypeTraits& tt = type_traits(t);
+  if (cols % tt.block_size != 0)
+    throw std::invalid_argument("gemm: cols must be a multiple of " + std::to_string(tt.block_size) +
+                                " (" + tt.name + ")");
+  const KernelTable* k = table(isa);
+  const TypeKernels& tk = k->of(t, Need::Gemm);
+  const GgmlType at = tt.vec_dot_type;
   if (size_t(w.shape(1)) != row_bytes(t, cols) ||
       size_t(act.shape(1) * act.itemsize()) != row_bytes(at, cols) ||
       !(act.flags() & py::array::c_style))
     throw std::invalid_argument("gemm: row sizes do not match the types and cols");
   const int64_t n_rows = w.shape(0), n_tok = act.shape(0);
   FloatArray out({n_tok, n_rows});
-  const KernelTable* k = table(isa);
   std::vector<uint8_t> packed(k->packed_bytes(t, n_rows, cols));
   k->pack(t, w.data(), n_rows, cols, packed.data());
   const size_t act_stride = size_t(act.shape(1) * act.itemsize());
   std::vector<int32_t> sums;  // what Model::matmuls makes next to the Q8_0 activations
-  if (at == GgmlType::Q8_0) {
+  if (tk.uses_act_sums) {
     sums.resize(size_t(n_tok * (cols / QK)));
     for (int64_t i = 0; i < n_tok; i++)
       q8_0_block_sums(reinterpret_cast<const block_q8_0*>(static_cast<const uint8_t*>(act.data()) + i * act_stride),
                       cols / QK, sums.data() + i * (cols / QK));
   }
-  k->gemm(t, cols, packed.data(), w.shape(1), n_rows, act.data(), act_stride,
+  tk.gemm(cols, packed.data(), w.shape(1), n_rows, act.data(), act_stride,
           sums.empty() ? nullptr : sums.data(), n_tok, out.mutable_data(), n_rows);
   return out;
 }
@@ -289,6 +287,9 @@ PYBIND11_MODULE(_core, m) {
         "Use this ISA's kernels for models created from now on");
   m.def("active_isa", [] { return std::string(active_kernels()->name); });
 
+  m.def("type_traits", &type_traits_list,
+        "The GGML types the engine knows, one dict per type: id, name, block_size, type_size, "
+        "is_block, is_weight, vec_dot_type");
   m.def("quantize", &quantize, py::arg("x"), py::arg("type"), py::arg("n_threads") = 1,
         py::arg("isa") = "");
   m.def("dequantize", &dequantize, py::arg("data"), py::arg("type"), py::arg("cols"),

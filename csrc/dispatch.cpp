@@ -73,6 +73,23 @@ const KernelTable* kernels_for(const std::string& name) {
   throw std::invalid_argument("ISA '" + name + "' has no kernel table");
 }
 
+const TypeKernels& KernelTable::of(GgmlType t, Need need) const {
+  const TypeTraits& tt = type_traits(t);  // refuses unknown ids
+  const TypeKernels& k = types[int(t)];
+  const char* what = nullptr;
+  switch (need) {  // a closed enum of this file's own: every value handled, no default
+    case Need::ToFloat: what = k.to_float ? nullptr : "conversion to float"; break;
+    case Need::FromFloat: what = k.from_float ? nullptr : "conversion from float"; break;
+    case Need::Dot: what = k.dot ? nullptr : "dot product"; break;
+    case Need::Gemm: what = k.gemm ? nullptr : "matrix product"; break;
+  }
+  if (what)
+    throw std::invalid_argument(std::string("GGML type ") + tt.name + " (id " +
+                                std::to_string(int(t)) + ") has no " + what + " in the " + name +
+                                " kernels" + (tt.is_weight ? "" : " (it is an activation format)"));
+  return k;
+}
+
 // Atomic: models may be built from several threads while another one picks an ISA.
 static std::atomic<const KernelTable*> g_active{nullptr};
 

@@ -3,11 +3,17 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace alpaca {
 
-// Values of enum ggml_type that this engine supports.
+// Values of enum ggml_type that this engine supports. Everything else the code needs to know
+// about a type is in its row of the traits table (type_traits, below).
 enum class GgmlType : int32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q8_1 = 9 };
+
+// Tables indexed by type id (TypeTraits here, TypeKernels per ISA in kernels.h) have this many
+// slots: every ggml_type id up to the K-quants and IQ types fits.
+constexpr int kGgmlTypeSlots = 40;
 
 constexpr int QK = 32;  // weights per block for every block type here
 
@@ -49,20 +55,40 @@ struct block_q8_1 {          // activations for Q4_1 weights: x = d * q; s = d *
 };
 static_assert(sizeof(block_q8_1) == 36, "block_q8_1 must match GGML");
 
-// Bytes of one row of `n` elements (n must be a multiple of QK for block types).
+// One row of a row-conversion kernel, type-erased so that every type fits one table:
+// `k` elements (a multiple of the type's block size) from/to float.
+using ToFloatFn = void (*)(const void* x, float* y, int64_t k);
+using FromFloatFn = void (*)(const float* x, void* y, int64_t k);
+
+// Everything the engine knows about one GGML type (ggml calls this `type_traits`).
+struct TypeTraits {
+  GgmlType type;
+  const char* name;          // GGML's name: "Q4_0", "F16", ...
+  int64_t block_size;        // elements per block (1 for F32/F16)
+  size_t type_size;          // bytes per block
+  bool is_block;             // quantized in blocks: rows must be whole blocks
+  bool is_weight;            // may be a weight matrix (Q8_1 is an activation format only)
+  GgmlType vec_dot_type;     // the activation format a weight row of this type multiplies with
+  size_t scale_bytes;        // fp16 scale fields (d, then m) leading each block (weight_layout.h)
+  bool panel8;               // the x86 Panel8 layout (weight_layout.h) is defined for it
+  ToFloatFn to_float;        // reference (portable, bit-exact) row conversions: the scalar table's
+  FromFloatFn from_float;
+};
+
+// The traits of t; std::invalid_argument naming the type id if the engine does not know it.
+const TypeTraits& type_traits(GgmlType t);
+// The type with this id (from Python or a file), checked the same way.
+GgmlType checked_type(int32_t id);
+// Every known type, in id order.
+std::vector<const TypeTraits*> all_type_traits();
+
+// Bytes of one row of `n` elements (n a multiple of the type's block size).
 inline size_t row_bytes(GgmlType t, int64_t n) {
-  switch (t) {
-    case GgmlType::F32: return size_t(n) * 4;
-    case GgmlType::F16: return size_t(n) * 2;
-    case GgmlType::Q4_0: return size_t(n / QK) * sizeof(block_q4_0);
-    case GgmlType::Q4_1: return size_t(n / QK) * sizeof(block_q4_1);
-    case GgmlType::Q8_0: return size_t(n / QK) * sizeof(block_q8_0);
-    case GgmlType::Q8_1: return size_t(n / QK) * sizeof(block_q8_1);
-  }
-  return 0;
+  const TypeTraits& tt = type_traits(t);
+  return size_t(n / tt.block_size) * tt.type_size;
 }
 
-inline bool is_block_type(GgmlType t) { return t != GgmlType::F32 && t != GgmlType::F16; }
+inline bool is_block_type(GgmlType t) { return type_traits(t).is_block; }
 
 // Portable IEEE half <-> float conversions (round to nearest even), used by the scalar path.
 inline float fp16_to_fp32(fp16_t h) {

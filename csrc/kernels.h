@@ -20,26 +20,40 @@ struct RowsView {
   GgmlType type;
 };
 
+// A matrix product on a tile: out[t * out_stride + r] = dot(w row r, act row t) for r < n_rows,
+// t < n_tok. w is the table's packed matrix (see KernelTable::pack) from a row that is a
+// multiple of kPanelRows, w_stride its GGML row bytes; act is already in the weight type's
+// vec_dot_type (TypeTraits), rows act_stride bytes apart. act_sums: q8_0_block_sums of every
+// act row (n_tok rows of n / 32), made once per matmul by the caller when the type's kernels
+// say uses_act_sums; null otherwise.
+using GemmFn = void (*)(int64_t n, const void* w, size_t w_stride, int64_t n_rows, const void* act,
+                        size_t act_stride, const int32_t* act_sums, int64_t n_tok, float* out,
+                        int64_t out_stride);
+// Dot product of one weight row with one activation row (its vec_dot_type) of n elements.
+using DotFn = float (*)(int64_t n, const void* w, const void* a);
+
+// One ISA's kernels for one type (ggml calls this `type_traits_cpu`). A null entry: the ISA
+// has no such kernel for the type (KernelTable::of refuses to hand it out).
+struct TypeKernels {
+  ToFloatFn to_float;      // one row of k elements to float
+  FromFloatFn from_float;  // float to one row (quantize: the activation formats' hot path)
+  DotFn dot;               // weight row . activation row
+  GemmFn gemm;             // a tile of weight rows x tokens (see GemmFn)
+  bool uses_act_sums;      // gemm reads act_sums (see GemmFn)
+};
+
+// Which of a TypeKernels' entries a caller needs, for KernelTable::of's error message.
+enum class Need { ToFloat, FromFloat, Dot, Gemm };
+
 struct KernelTable {
   const char* name;
 
-  // --- quantize / dequantize one row of k elements (k % 32 == 0 for block types) ---
-  void (*quantize_row_q4_0)(const float* x, block_q4_0* y, int64_t k);
-  void (*quantize_row_q4_1)(const float* x, block_q4_1* y, int64_t k);
-  void (*quantize_row_q8_0)(const float* x, block_q8_0* y, int64_t k);
-  void (*quantize_row_q8_1)(const float* x, block_q8_1* y, int64_t k);
-  void (*dequantize_row_q4_0)(const block_q4_0* x, float* y, int64_t k);
-  void (*dequantize_row_q4_1)(const block_q4_1* x, float* y, int64_t k);
-  void (*dequantize_row_q8_0)(const block_q8_0* x, float* y, int64_t k);
-  void (*fp16_to_fp32_row)(const fp16_t* x, float* y, int64_t k);
-  void (*fp32_to_fp16_row)(const float* x, fp16_t* y, int64_t k);
+  // --- per type, indexed by type id: conversions, dot products, gemm ---
+  TypeKernels types[kGgmlTypeSlots];
 
-  // --- dot products of one weight row with one activation row of n elements ---
-  float (*dot_q4_0_q8_0)(int64_t n, const block_q4_0* w, const block_q8_0* a);
-  float (*dot_q4_1_q8_1)(int64_t n, const block_q4_1* w, const block_q8_1* a);
-  float (*dot_q8_0_q8_0)(int64_t n, const block_q8_0* w, const block_q8_0* a);
-  float (*dot_f16_f32)(int64_t n, const fp16_t* w, const float* a);
-  float (*dot_f32_f32)(int64_t n, const float* w, const float* a);
+  // This table's kernels for t, with `need` present; std::invalid_argument naming the type if
+  // the engine does not know it (type_traits) or this table lacks the kernel.
+  const TypeKernels& of(GgmlType t, Need need) const;
 
   // --- weight layout (weight_layout.h): matrices are repacked once at load for this table ---
   // Bytes of a packed rows x cols matrix; pack GGML rows (src) into it; one packed row back to
@@ -47,17 +61,6 @@ struct KernelTable {
   size_t (*packed_bytes)(GgmlType t, int64_t rows, int64_t cols);
   void (*pack)(GgmlType t, const void* src, int64_t rows, int64_t cols, void* dst);
   void (*unpack_row)(GgmlType t, const void* packed, int64_t cols, int64_t row, void* dst);
-
-  // --- matrix products on a tile: out[t * out_stride + r] = dot(w row r, act row t)
-  //     for r < n_rows, t < n_tok. w is this table's packed matrix (see pack) from a row that
-  //     is a multiple of kPanelRows, w_stride its GGML row bytes; act is already in the
-  //     pairing format (q4_0/q8_0, q4_1/q8_1, q8_0/q8_0, f16/f32, f32/f32), rows act_stride
-  //     bytes apart. act_sums: for Q4_0 weights, q8_0_block_sums of every act row (n_tok rows
-  //     of n / 32), made once per matmul by the caller; kernels that do not need them ignore
-  //     them (null is allowed for every other weight type).
-  void (*gemm)(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
-               const void* act, size_t act_stride, const int32_t* act_sums, int64_t n_tok,
-               float* out, int64_t out_stride);
 
   // --- attention's second product: out[q * out_stride + i] = sum_p w[q * w_stride + p] * v_p[i]
   //     for q < n_q, i < n, p < n_pos; rows v_p (F16 or F32: vtype) v_stride bytes apart ---
@@ -84,7 +87,6 @@ struct KernelTable {
 // Tables (defined in kernels_<isa>.cpp). Absent ISAs return nullptr.
 const KernelTable* scalar_kernels();
 const KernelTable* avx2_kernels();
-const KernelTable* avx512_kernels();
 const KernelTable* neon_kernels();          // plain Armv8-A Advanced SIMD (every aarch64 CPU)
 const KernelTable* neon_dotprod_kernels();  // + SDOT (Armv8.2 dotprod), where the CPU reports it
 

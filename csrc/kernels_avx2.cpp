@@ -443,9 +443,11 @@ static void tile_float(int64_t n, const uint8_t* w, size_t w_stride, const uint8
 using FloatTileFn = void (*)(int64_t, const uint8_t*, size_t, const uint8_t*, size_t, float*, int64_t);
 
 template <bool kF16>
-static void gemm_float(int64_t n, const uint8_t* w, size_t w_stride, int64_t n_rows,
-                       const uint8_t* act, size_t act_stride, int64_t n_tok, float* out,
-                       int64_t out_stride) {
+static void gemm_float(int64_t n, const void* wv, size_t w_stride, int64_t n_rows,
+                       const void* actv, size_t act_stride, const int32_t*, int64_t n_tok,
+                       float* out, int64_t out_stride) {
+  const auto* w = static_cast<const uint8_t*>(wv);
+  const auto* act = static_cast<const uint8_t*>(actv);
   constexpr int RM = 4, CN = 3;
   static const FloatTileFn fns[RM][CN] = {
       {tile_float<1, 1, kF16>, tile_float<1, 2, kF16>, tile_float<1, 3, kF16>},
@@ -515,56 +517,41 @@ static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_str
   return mix_rows_typed<false>(n, vb, v_stride, n_pos, w, w_stride, n_q, out, out_stride);
 }
 
-static void gemm_simd(GgmlType wtype, int64_t n, const void* w, size_t w_stride, int64_t n_rows,
-                      const void* act, size_t act_stride, const int32_t* act_sums, int64_t n_tok,
-                      float* out, int64_t out_stride) {
-  static const PanelFn q4_1[4] = {panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>,
-                                  panel_q4<4, true>};
-  static const PanelFn q4_0[4] = {panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>,
-                                  panel_q4<4, false>};
-  static const PanelFn q8_0[4] = {panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>};
-  const auto* wb = static_cast<const uint8_t*>(w);
-  const auto* ab = static_cast<const uint8_t*>(act);
-  const int64_t nb = n / QK;
-  switch (wtype) {
-    case GgmlType::Q4_1:
-      return gemm_panels(q4_1, nb, wb, w_stride, n_rows, ab, act_stride, nullptr, n_tok, out, out_stride);
-    case GgmlType::Q4_0:
-      return gemm_panels(q4_0, nb, wb, w_stride, n_rows, ab, act_stride, act_sums, n_tok, out,
-                         out_stride);
-    case GgmlType::Q8_0:
-      return gemm_panels(q8_0, nb, wb, w_stride, n_rows, ab, act_stride, nullptr, n_tok, out, out_stride);
-    case GgmlType::F16:
-      return gemm_float<true>(n, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
-    case GgmlType::F32:
-      return gemm_float<false>(n, wb, w_stride, n_rows, ab, act_stride, n_tok, out, out_stride);
-    default:
-      return gemm(wtype, n, w, w_stride, n_rows, act, act_stride, act_sums, n_tok, out, out_stride);
-  }
+// The Panel8 gemm of a block type from its panel kernel for 1-4 tokens per pass (see
+// gemm_panels); kernels that do not read act_sums ignore it.
+template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
+static void gemm_panel8(int64_t n, const void* w, size_t w_stride, int64_t n_rows, const void* act,
+                        size_t act_stride, const int32_t* act_sums, int64_t n_tok, float* out,
+                        int64_t out_stride) {
+  static const PanelFn fns[4] = {P1, P2, P3, P4};
+  gemm_panels(fns, n / QK, static_cast<const uint8_t*>(w), w_stride, n_rows,
+              static_cast<const uint8_t*>(act), act_stride, act_sums, n_tok, out, out_stride);
 }
 
 static KernelTable make_table() {
   KernelTable t = *scalar_kernels();  // weight quantizers and dequantizers: scalar twin
   t.name = "avx2";
-  t.quantize_row_q8_0 = quantize_row_q8_0;
-  t.quantize_row_q8_1 = quantize_row_q8_1;
-  t.fp16_to_fp32_row = fp16_to_fp32_row;
-  t.fp32_to_fp16_row = fp32_to_fp16_row;
-  t.dot_q4_0_q8_0 = dot_q4_0_q8_0;
-  t.dot_q4_1_q8_1 = dot_q4_1_q8_1;
-  t.dot_q8_0_q8_0 = dot_q8_0_q8_0;
-  t.dot_f16_f32 = dot_f16_f32;
-  t.dot_f32_f32 = dot_f32_f32;
+  auto& types = t.types;
+  types[int(GgmlType::Q8_0)].from_float = erased_from_float<block_q8_0, quantize_row_q8_0>;
+  types[int(GgmlType::Q8_1)].from_float = erased_from_float<block_q8_1, quantize_row_q8_1>;
+  types[int(GgmlType::F16)].to_float = erased_to_float<fp16_t, fp16_to_fp32_row>;
+  types[int(GgmlType::F16)].from_float = erased_from_float<fp16_t, fp32_to_fp16_row>;
+  set_portable_kernels(t);  // then the tile kernels replace gemm_rows
+  types[int(GgmlType::Q4_0)].gemm =
+      gemm_panel8<panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>, panel_q4<4, false>>;
+  types[int(GgmlType::Q4_0)].uses_act_sums = true;
+  types[int(GgmlType::Q4_1)].gemm =
+      gemm_panel8<panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>, panel_q4<4, true>>;
+  types[int(GgmlType::Q8_0)].gemm =
+      gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
+  types[int(GgmlType::F16)].gemm = gemm_float<true>;
+  types[int(GgmlType::F32)].gemm = gemm_float<false>;
   t.packed_bytes = panel8_packed_bytes;
   t.pack = panel8_pack;
   t.unpack_row = panel8_unpack_row;
-  t.gemm = gemm_simd;
   t.mix_rows = mix_rows_simd;
-  t.rmsnorm = rmsnorm;
   t.softmax = softmax_simd;
   t.swiglu = swiglu_simd;
-  t.axpy_f16 = axpy_f16;
-  t.read_bytes = read_bytes;
   return t;
 }
 

@@ -86,21 +86,12 @@ static void fp32_to_fp16_row(const float* x, fp16_t* y, int64_t k) {
 static KernelTable make_table() {
   KernelTable t = *scalar_kernels();  // weight quantizers and dequantizers: scalar twin
   t.name = "neon";
-  t.quantize_row_q8_0 = quantize_row_q8_0;
-  t.quantize_row_q8_1 = quantize_row_q8_1;
-  t.fp16_to_fp32_row = fp16_to_fp32_row;
-  t.fp32_to_fp16_row = fp32_to_fp16_row;
-  t.dot_q4_0_q8_0 = dot_q4_0_q8_0;
-  t.dot_q4_1_q8_1 = dot_q4_1_q8_1;
-  t.dot_q8_0_q8_0 = dot_q8_0_q8_0;
-  t.dot_f16_f32 = dot_f16_f32;
-  t.dot_f32_f32 = dot_f32_f32;
-  t.gemm = gemm;
-  t.mix_rows = mix_rows;
-  t.rmsnorm = rmsnorm;
-  t.softmax = softmax;
-  t.swiglu = swiglu;
-  t.axpy_f16 = axpy_f16;
+  auto& types = t.types;
+  types[int(GgmlType::Q8_0)].from_float = erased_from_float<block_q8_0, quantize_row_q8_0>;
+  types[int(GgmlType::Q8_1)].from_float = erased_from_float<block_q8_1, quantize_row_q8_1>;
+  types[int(GgmlType::F16)].to_float = erased_to_float<fp16_t, fp16_to_fp32_row>;
+  types[int(GgmlType::F16)].from_float = erased_from_float<fp16_t, fp32_to_fp16_row>;
+  set_portable_kernels(t);  // dot products, gemm_rows over them, elementwise kernels
   return t;
 }
 

@@ -22,16 +22,7 @@ static inline int32x4_t dot16(int32x4_t acc, int8x16_t x, int8x16_t y) {
 static KernelTable make_table() {
   KernelTable t = *neon_kernels();  // quantizers, fp16 rows, axpy: the plain NEON ones
   t.name = "neon_dotprod";
-  t.dot_q4_0_q8_0 = dot_q4_0_q8_0;
-  t.dot_q4_1_q8_1 = dot_q4_1_q8_1;
-  t.dot_q8_0_q8_0 = dot_q8_0_q8_0;
-  t.dot_f16_f32 = dot_f16_f32;
-  t.dot_f32_f32 = dot_f32_f32;
-  t.gemm = gemm;  // the generic gemm of this file calls the SDOT dot products
-  t.mix_rows = mix_rows;
-  t.rmsnorm = rmsnorm;
-  t.softmax = softmax;
-  t.swiglu = swiglu;
+  set_portable_kernels(t);  // the SDOT dot products, gemm_rows over them, elementwise kernels
   return t;
 }
 

@@ -61,10 +61,15 @@ Matrix Model::load_matrix(const std::map<std::string, TensorIn>& tensors,
     throw std::invalid_argument("tensor " + name + " has shape (" + std::to_string(t.rows) + ", " +
                                 std::to_string(t.cols) + "), expected (" + std::to_string(rows) +
                                 ", " + std::to_string(cols) + ")");
-  if (is_block_type(t.type) && t.cols % QK != 0)
-    throw std::invalid_argument("tensor " + name + ": row length must be a multiple of 32");
+  const TypeTraits& tt = type_traits(t.type);
+  if (!tt.is_weight)
+    throw std::invalid_argument("tensor " + name + ": type " + tt.name + " cannot be a weight");
+  if (t.cols % tt.block_size != 0)
+    throw std::invalid_argument("tensor " + name + ": row length must be a multiple of " +
+                                std::to_string(tt.block_size) + " for " + tt.name);
   Matrix m;
   m.type = t.type;
+  m.kernels = &k_->of(t.type, Need::Gemm);
   m.rows = t.rows;
   m.cols = t.cols;
   m.stride = row_bytes(t.type, t.cols);
@@ -98,11 +103,59 @@ static int64_t max_attention_parts(int n_threads, int64_t n_kv_heads) {
   return std::max<int64_t>(1, (kAttentionTasksPerThread * n_threads + n_kv_heads - 1) / n_kv_heads);
 }
 
+KvCache::KvCache(int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim,
+                 GgmlType type)
+    : n_layers_(n_layers), n_kv_heads_(n_kv_heads), n_ctx_(n_ctx), type_(type),
+      row_bytes_(alpaca::row_bytes(type, head_dim)) {
+  size_t rows = 0, bytes = 0;
+  if (__builtin_mul_overflow(size_t(n_layers), size_t(n_kv_heads), &rows) ||
+      __builtin_mul_overflow(rows, size_t(n_ctx), &rows) ||
+      __builtin_mul_overflow(rows, row_bytes_, &bytes))
+    throw std::invalid_argument("n_ctx: KV cache size overflows");
+  k_ = Buffer(bytes);
+  v_ = Buffer(bytes);
+  std::memset(k_.data(), 0, k_.size());
+  std::memset(v_.data(), 0, v_.size());
+}
+
+// Each (layer, head) holds its positions in one run: [0, n_pos) of it is one copy.
+std::vector<uint8_t> KvCache::save(int64_t n_pos) {
+  const size_t run = size_t(n_pos) * row_bytes_, n_runs = size_t(n_layers_ * n_kv_heads_);
+  std::vector<uint8_t> out(2 * n_runs * run);
+  for (int64_t l = 0, i = 0; l < n_layers_; l++) {
+    for (int64_t h = 0; h < n_kv_heads_; h++, i++) {
+      std::memcpy(out.data() + size_t(i) * run, k(l, h, 0), run);
+      std::memcpy(out.data() + (n_runs + size_t(i)) * run, v(l, h, 0), run);
+    }
+  }
+  return out;
+}
+
+void KvCache::load(const uint8_t* data, size_t nbytes, int64_t n_pos) {
+  const size_t run = size_t(n_pos) * row_bytes_, n_runs = size_t(n_layers_ * n_kv_heads_);
+  if (nbytes != 2 * n_runs * run)
+    throw std::invalid_argument("load_kv: state of " + std::to_string(nbytes) + " bytes, expected " +
+                                std::to_string(2 * n_runs * run) + " for " + std::to_string(n_pos) +
+                                " positions of this model and cache type");
+  for (int64_t l = 0, i = 0; l < n_layers_; l++) {
+    for (int64_t h = 0; h < n_kv_heads_; h++, i++) {
+      std::memcpy(k(l, h, 0), data + size_t(i) * run, run);
+      std::memcpy(v(l, h, 0), data + (n_runs + size_t(i)) * run, run);
+    }
+  }
+}
+
 Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
              int n_threads, bool kv_f16, const KernelTable* kernels)
-    : hp_(hp), n_ctx_(n_ctx), kv_f16_(kv_f16), k_(kernels), pool_(n_threads) {
+    : hp_(hp),
+      n_ctx_(n_ctx),
+      k_(kernels),
+      f16_(kernels->of(GgmlType::F16, Need::FromFloat)),
+      pool_(n_threads),
+      kv_kernels_(kernels->of(kv_f16 ? GgmlType::F16 : GgmlType::F32, Need::Gemm)) {
   if (n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1");
   token_embd = load_matrix(tensors, "token_embd.weight", hp.n_vocab, hp.dim);
+  k_->of(token_embd.type, Need::ToFloat);  // embed() dequantizes its rows: refuse here if it cannot
   embd_row_.resize(token_embd.stride);
   output_norm = load_vector(tensors, "output_norm.weight", hp.dim);
   if (tensors.count("output.weight")) output = load_matrix(tensors, "output.weight", hp.n_vocab, hp.dim);
@@ -123,16 +176,9 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   for (int64_t i = 0; i < hp.n_rot / 2; i++)
     inv_freq_.push_back(std::pow(double(hp.rope_base), -2.0 * double(i) / double(hp.n_rot)));
 
-  size_t kv_elems = 0;
-  if (__builtin_mul_overflow(size_t(hp.n_layers) * size_t(hp.n_kv_heads), size_t(hp.head_dim),
-                             &kv_elems) ||
-      __builtin_mul_overflow(kv_elems, size_t(n_ctx), &kv_elems))
-    throw std::invalid_argument("n_ctx: KV cache size overflows");
-  const size_t kv_elem_bytes = kv_f16 ? 2 : 4;
-  kv_k_ = Buffer(kv_elems * kv_elem_bytes);
-  kv_v_ = Buffer(kv_elems * kv_elem_bytes);
-  std::memset(kv_k_.data(), 0, kv_k_.size());
-  std::memset(kv_v_.data(), 0, kv_v_.size());
+  kv_ = KvCache(hp.n_layers, hp.n_kv_heads, n_ctx, hp.head_dim,
+                kv_f16 ? GgmlType::F16 : GgmlType::F32);
+  k_->of(kv_.type(), Need::FromFloat);  // kv_kernels_ (its gemm checked above) appends rows too
 
   const int64_t B = kMaxBatch;
   const int64_t q_dim = hp.n_heads * hp.head_dim, kv_dim = hp.n_kv_heads * hp.head_dim;
@@ -146,8 +192,20 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   gate_.resize(B * hp.ffn_dim);
   up_.resize(B * hp.ffn_dim);
   const int64_t widest = std::max({hp.dim, hp.ffn_dim, q_dim});
-  act_q8_0_ = Buffer(B * row_bytes(GgmlType::Q8_0, widest));
-  act_q8_1_ = Buffer(B * row_bytes(GgmlType::Q8_1, widest));
+  act_.resize(kGgmlTypeSlots);
+  auto need_act = [&](const Matrix& m) {
+    const GgmlType at = type_traits(m.type).vec_dot_type;
+    if (at != GgmlType::F32 && act_[int(at)].size() == 0) {
+      k_->of(at, Need::FromFloat);  // refuse at load a format this table cannot make
+      act_[int(at)] = Buffer(B * row_bytes(at, widest));
+    }
+  };
+  need_act(token_embd);
+  if (output.rows) need_act(output);
+  for (const Layer& L : layers)
+    for (const Matrix* m : {&L.attn_q, &L.attn_k, &L.attn_v, &L.attn_output, &L.ffn_gate,
+                            &L.ffn_up, &L.ffn_down})
+      need_act(*m);
   act_sums_.resize(size_t(B * (widest / QK)));
   const int64_t max_q = tokens_per_attention_task(hp.n_heads / hp.n_kv_heads) * (hp.n_heads / hp.n_kv_heads);
   scores_.resize(size_t(pool_.size()) * max_q * n_ctx);
@@ -161,40 +219,34 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
 void Model::embed(int32_t token, float* out) {
   uint8_t* row = embd_row_.data();
   k_->unpack_row(token_embd.type, token_embd.data.data(), hp_.dim, token, row);
-  switch (token_embd.type) {
-    case GgmlType::F32: std::memcpy(out, row, hp_.dim * 4); break;
-    case GgmlType::F16: k_->fp16_to_fp32_row(reinterpret_cast<const fp16_t*>(row), out, hp_.dim); break;
-    case GgmlType::Q4_0: k_->dequantize_row_q4_0(reinterpret_cast<const block_q4_0*>(row), out, hp_.dim); break;
-    case GgmlType::Q4_1: k_->dequantize_row_q4_1(reinterpret_cast<const block_q4_1*>(row), out, hp_.dim); break;
-    case GgmlType::Q8_0: k_->dequantize_row_q8_0(reinterpret_cast<const block_q8_0*>(row), out, hp_.dim); break;
-    default: throw std::invalid_argument("unsupported token_embd type");
-  }
+  token_embd.kernels->to_float(row, out, hp_.dim);  // present: checked at load
 }
 
 void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
                     std::initializer_list<MatmulJob> jobs) {
   const int64_t cols = jobs.begin()->w->cols;
-  bool need_q8_0 = false, need_q8_1 = false, need_sums = false;
+  // The activation formats the jobs' weight types multiply with (TypeTraits::vec_dot_type),
+  // each made once for all jobs; F32 is x itself.
+  GgmlType formats[kGgmlTypeSlots];  // distinct type ids
+  int n_formats = 0;
+  bool need_sums = false;
   for (const auto& j : jobs) {
-    need_q8_0 |= j.w->type == GgmlType::Q4_0 || j.w->type == GgmlType::Q8_0;
-    need_sums |= j.w->type == GgmlType::Q4_0;
-    need_q8_1 |= j.w->type == GgmlType::Q4_1;
+    const GgmlType at = type_traits(j.w->type).vec_dot_type;
+    need_sums |= j.w->kernels->uses_act_sums;
+    if (at != GgmlType::F32 && std::find(formats, formats + n_formats, at) == formats + n_formats)
+      formats[n_formats++] = at;
   }
-  const size_t q8_0_stride = row_bytes(GgmlType::Q8_0, cols);
-  const size_t q8_1_stride = row_bytes(GgmlType::Q8_1, cols);
   const int64_t nb = cols / QK;
   // Quantize the activations once per format, one token per task (with the Q8_0 block sums
-  // the Q4_0 kernels use).
-  if (need_q8_0 || need_q8_1) {
+  // the kernels that use them read).
+  if (n_formats > 0) {
     pool_.parallel_for(n_tok, [&](int64_t t, int) {
-      if (need_q8_0) {
-        auto* blocks = reinterpret_cast<block_q8_0*>(act_q8_0_.data() + t * q8_0_stride);
-        k_->quantize_row_q8_0(x + t * x_stride, blocks, cols);
-        if (need_sums) q8_0_block_sums(blocks, nb, act_sums_.data() + t * nb);
+      for (int f = 0; f < n_formats; f++) {
+        uint8_t* dst = act_[int(formats[f])].data() + size_t(t) * row_bytes(formats[f], cols);
+        k_->types[int(formats[f])].from_float(x + t * x_stride, dst, cols);  // checked at load
+        if (need_sums && formats[f] == GgmlType::Q8_0)
+          q8_0_block_sums(reinterpret_cast<const block_q8_0*>(dst), nb, act_sums_.data() + t * nb);
       }
-      if (need_q8_1)
-        k_->quantize_row_q8_1(x + t * x_stride,
-                              reinterpret_cast<block_q8_1*>(act_q8_1_.data() + t * q8_1_stride), cols);
     });
   }
   // Split every job's rows into chunks of decreasing size ("guided" scheduling): each chunk
@@ -216,17 +268,11 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
     const MatmulJob& j = *chunks[c].job;
     const Matrix& w = *j.w;
     const int64_t r0 = chunks[c].r0, nr = chunks[c].n_rows;
-    const void* act;
-    size_t act_stride;
-    if (w.type == GgmlType::Q4_1) {
-      act = act_q8_1_.data(); act_stride = q8_1_stride;
-    } else if (w.type == GgmlType::Q4_0 || w.type == GgmlType::Q8_0) {
-      act = act_q8_0_.data(); act_stride = q8_0_stride;
-    } else {
-      act = x; act_stride = size_t(x_stride) * 4;
-    }
-    k_->gemm(w.type, w.cols, w.data.data() + size_t(r0) * w.stride, w.stride, nr, act,
-             act_stride, act_sums_.data(), n_tok, j.out + r0, j.out_stride);
+    const GgmlType at = type_traits(w.type).vec_dot_type;
+    const void* act = at == GgmlType::F32 ? static_cast<const void*>(x) : act_[int(at)].data();
+    const size_t act_stride = at == GgmlType::F32 ? size_t(x_stride) * 4 : row_bytes(at, cols);
+    w.kernels->gemm(w.cols, w.data.data() + size_t(r0) * w.stride, w.stride, nr, act, act_stride,
+                    act_sums_.data(), n_tok, j.out + r0, j.out_stride);
   });
 }
 
@@ -252,92 +298,101 @@ void Model::round_to_f16(float* x, int64_t n) const {
   fp16_t tmp[256];
   for (int64_t i = 0; i < n; i += 256) {
     const int64_t m = std::min<int64_t>(256, n - i);
-    k_->fp32_to_fp16_row(x + i, tmp, m);
-    k_->fp16_to_fp32_row(tmp, x + i, m);
+    f16_.from_float(x + i, tmp, m);
+    f16_.to_float(tmp, x + i, m);
   }
 }
 
 void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
-  const int64_t hd = hp_.head_dim, n_kv = hp_.n_kv_heads, group = hp_.n_heads / n_kv;
-  const int64_t q_dim = hp_.n_heads * hd;
-  const GgmlType kv_type = kv_f16_ ? GgmlType::F16 : GgmlType::F32;
-  const size_t eb = kv_f16_ ? 2 : 4;
-  const float scale = 1.0f / std::sqrt(float(hd));
-  const int64_t tpt = tokens_per_attention_task(group), max_q = tpt * group;
-  const int64_t n_blocks = (n + tpt - 1) / tpt;
+  AttentionPlan p;
+  p.layer = layer;
+  p.n = n;
+  p.start_pos = start_pos;
+  p.group = hp_.n_heads / hp_.n_kv_heads;
+  p.tpt = tokens_per_attention_task(p.group);
+  const int64_t n_kv = hp_.n_kv_heads, n_blocks = (n + p.tpt - 1) / p.tpt;
   // Positions are split only when one block of tokens holds all the queries (decoding).
-  const int64_t n_parts =
-      n_blocks > 1 ? 1
-                   : std::clamp<int64_t>((start_pos + n) / kMinPartPositions, 1,
-                                         max_attention_parts(pool_.size(), n_kv));
-  const int64_t part_len = (start_pos + n + n_parts - 1) / n_parts;
-  // One task per (block of tokens, part of the positions, kv head): scores = K q for all the
-  // block's queries (one gemm), a causal softmax per query, then out = sum_p score_p * V_p
-  // (one mix_rows).
-  auto task_fn = [&](int64_t task, int thread) {
-    const int64_t g = task % n_kv, part = task / n_kv % n_parts, t0 = task / n_kv / n_parts * tpt;
-    const int64_t nt = std::min(tpt, n - t0), n_q = nt * group;
-    const int64_t n_pos = start_pos + t0 + nt;  // positions the block's last token sees
-    const int64_t p0 = std::min(n_pos, part * part_len), len = std::min(n_pos - p0, part_len);
-    const size_t head_off = ((size_t(layer) * n_kv + g) * n_ctx_ + p0) * hd;
-    const uint8_t* kbase = kv_k_.data() + head_off * eb;
-    const uint8_t* vbase = kv_v_.data() + head_off * eb;
-    float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;   // (n_q, hd), query (t, h)
-    float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
-    const size_t slot = size_t(g * n_parts + part) * max_q;
-    float* obuf = n_parts > 1 ? part_o_.data() + slot * hd                // (n_q, hd)
-                              : attn_o_.data() + size_t(thread) * max_q * hd;
-    for (int64_t t = 0; t < nt; t++)
-      std::memcpy(qbuf + t * group * hd, q_.data() + (t0 + t) * q_dim + g * group * hd,
-                  size_t(group * hd) * sizeof(float));
-    if (kv_f16_) round_to_f16(qbuf, n_q * hd);
-    if (len > 0)
-      k_->gemm(kv_type, hd, kbase, hd * eb, len, qbuf, hd * sizeof(float), nullptr, n_q, scores, n_ctx_);
-    for (int64_t i = 0; i < n_q; i++) {
-      float* sc = scores + i * n_ctx_;
-      // causal: query i sees positions 0..its own, of which `seen` fall in this part
-      const int64_t seen = std::clamp<int64_t>(start_pos + t0 + i / group + 1 - p0, 0, len);
-      float log_sum = -INFINITY;  // a part with nothing to see weighs nothing in the merge
-      if (seen > 0) {
-        log_sum = k_->softmax(sc, seen, scale);
-        if (kv_f16_) round_to_f16(sc, seen);
-      }
-      std::fill(sc + seen, sc + len, 0.0f);
-      if (n_parts > 1) part_log_sum_[slot + i] = log_sum;
-    }
-    if (len > 0) {
-      k_->mix_rows(kv_type, hd, vbase, hd * eb, len, scores, n_ctx_, n_q, obuf, hd);
-    } else {
-      std::fill(obuf, obuf + n_q * hd, 0.0f);
-    }
-    if (n_parts > 1) return;  // merged below
-    for (int64_t t = 0; t < nt; t++)
-      std::memcpy(att_.data() + (t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
-                  size_t(group * hd) * sizeof(float));
+  p.n_parts = n_blocks > 1 ? 1
+                           : std::clamp<int64_t>((start_pos + n) / kMinPartPositions, 1,
+                                                 max_attention_parts(pool_.size(), n_kv));
+  p.part_len = (start_pos + n + p.n_parts - 1) / p.n_parts;
+  // One task per (block of tokens, part of the positions, kv head).
+  auto task = [&](int64_t i, int thread) {
+    attend_part(p, i / n_kv / p.n_parts * p.tpt, i % n_kv, i / n_kv % p.n_parts, thread);
   };
-  const int64_t n_tasks = n_blocks * n_parts * n_kv;
+  const int64_t n_tasks = n_blocks * p.n_parts * n_kv;
   // Decoding over a short context is a few microseconds of work: waking the pool for it
   // costs more than it saves (one barrier less per layer and token).
   constexpr int64_t kInlineAttentionMacs = 1 << 16;
-  const int64_t macs = n * (start_pos + n) * hp_.n_heads * hd;
+  const int64_t macs = n * (start_pos + n) * hp_.n_heads * hp_.head_dim;
   if (macs < kInlineAttentionMacs) {
-    for (int64_t task = 0; task < n_tasks; task++) task_fn(task, 0);
+    for (int64_t i = 0; i < n_tasks; i++) task(i, 0);
   } else {
-    pool_.parallel_for(n_tasks, task_fn);
+    pool_.parallel_for(n_tasks, task);
   }
-  if (n_parts == 1) return;
-  // Merge the parts of each query: softmax over the whole row = the parts' softmaxes weighted
-  // by exp(log_sum_part - log_sum_row).
-  for (int64_t g = 0; g < n_kv; g++) {
-    for (int64_t i = 0; i < n * group; i++) {
+  if (p.n_parts > 1) merge_parts(p);
+}
+
+// scores = K q for all the block's queries (one gemm), a causal softmax per query, then
+// out = sum_p score_p * V_p (one mix_rows).
+void Model::attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t part, int thread) {
+  const int64_t hd = hp_.head_dim, group = p.group, q_dim = hp_.n_heads * hd;
+  const int64_t max_q = p.tpt * group;
+  const bool f16 = kv_.type() == GgmlType::F16;
+  const size_t kv_stride = kv_.row_bytes();
+  const int64_t nt = std::min(p.tpt, p.n - t0), n_q = nt * group;
+  const int64_t n_pos = p.start_pos + t0 + nt;  // positions the block's last token sees
+  const int64_t p0 = std::min(n_pos, part * p.part_len), len = std::min(n_pos - p0, p.part_len);
+  float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;        // (n_q, hd), query (t, h)
+  float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
+  const size_t slot = size_t(g * p.n_parts + part) * max_q;
+  float* obuf = p.n_parts > 1 ? part_o_.data() + slot * hd  // (n_q, hd)
+                              : attn_o_.data() + size_t(thread) * max_q * hd;
+  for (int64_t t = 0; t < nt; t++)
+    std::memcpy(qbuf + t * group * hd, q_.data() + (t0 + t) * q_dim + g * group * hd,
+                size_t(group * hd) * sizeof(float));
+  if (f16) round_to_f16(qbuf, n_q * hd);
+  if (len > 0)
+    kv_kernels_.gemm(hd, kv_.k(p.layer, g, p0), kv_stride, len, qbuf, hd * sizeof(float), nullptr,
+                     n_q, scores, n_ctx_);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  for (int64_t i = 0; i < n_q; i++) {
+    float* sc = scores + i * n_ctx_;
+    // causal: query i sees positions 0..its own, of which `seen` fall in this part
+    const int64_t seen = std::clamp<int64_t>(p.start_pos + t0 + i / group + 1 - p0, 0, len);
+    float log_sum = -INFINITY;  // a part with nothing to see weighs nothing in the merge
+    if (seen > 0) {
+      log_sum = k_->softmax(sc, seen, scale);
+      if (f16) round_to_f16(sc, seen);
+    }
+    std::fill(sc + seen, sc + len, 0.0f);
+    if (p.n_parts > 1) part_log_sum_[slot + i] = log_sum;
+  }
+  if (len > 0) {
+    k_->mix_rows(kv_.type(), hd, kv_.v(p.layer, g, p0), kv_stride, len, scores, n_ctx_, n_q,
+                 obuf, hd);
+  } else {
+    std::fill(obuf, obuf + n_q * hd, 0.0f);
+  }
+  if (p.n_parts > 1) return;  // merge_parts writes att_
+  for (int64_t t = 0; t < nt; t++)
+    std::memcpy(att_.data() + (t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
+                size_t(group * hd) * sizeof(float));
+}
+
+void Model::merge_parts(const AttentionPlan& p) {
+  const int64_t hd = hp_.head_dim, group = p.group, q_dim = hp_.n_heads * hd;
+  const int64_t max_q = p.tpt * group;
+  for (int64_t g = 0; g < hp_.n_kv_heads; g++) {
+    for (int64_t i = 0; i < p.n * group; i++) {
       float top = -INFINITY;
-      for (int64_t part = 0; part < n_parts; part++)
-        top = std::max(top, part_log_sum_[size_t(g * n_parts + part) * max_q + i]);
+      for (int64_t part = 0; part < p.n_parts; part++)
+        top = std::max(top, part_log_sum_[size_t(g * p.n_parts + part) * max_q + i]);
       float* out = att_.data() + (i / group) * q_dim + (g * group + i % group) * hd;
       std::fill(out, out + hd, 0.0f);
       float total = 0.0f;
-      for (int64_t part = 0; part < n_parts; part++) {
-        const size_t slot = size_t(g * n_parts + part) * max_q + i;
+      for (int64_t part = 0; part < p.n_parts; part++) {
+        const size_t slot = size_t(g * p.n_parts + part) * max_q + i;
         const float w = std::exp(part_log_sum_[slot] - top);
         const float* o = part_o_.data() + slot * hd;
         for (int64_t d = 0; d < hd; d++) out[d] += w * o[d];
@@ -351,29 +406,13 @@ void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
 std::vector<uint8_t> Model::save_kv(int64_t n_pos) {
   if (n_pos < 0 || n_pos > n_ctx_) throw std::invalid_argument("save_kv: n_pos outside the context");
   std::lock_guard<std::mutex> lock(forward_mutex_);
-  const size_t eb = kv_f16_ ? 2 : 4, run = size_t(n_pos) * hp_.head_dim * eb;
-  const size_t n_runs = size_t(hp_.n_layers) * hp_.n_kv_heads, stride = size_t(n_ctx_) * hp_.head_dim * eb;
-  std::vector<uint8_t> out(2 * n_runs * run);
-  for (size_t i = 0; i < n_runs; i++) {
-    std::memcpy(out.data() + i * run, kv_k_.data() + i * stride, run);
-    std::memcpy(out.data() + (n_runs + i) * run, kv_v_.data() + i * stride, run);
-  }
-  return out;
+  return kv_.save(n_pos);
 }
 
 void Model::load_kv(const uint8_t* data, size_t nbytes, int64_t n_pos) {
   if (n_pos < 0 || n_pos > n_ctx_) throw std::invalid_argument("load_kv: n_pos outside the context");
   std::lock_guard<std::mutex> lock(forward_mutex_);
-  const size_t eb = kv_f16_ ? 2 : 4, run = size_t(n_pos) * hp_.head_dim * eb;
-  const size_t n_runs = size_t(hp_.n_layers) * hp_.n_kv_heads, stride = size_t(n_ctx_) * hp_.head_dim * eb;
-  if (nbytes != 2 * n_runs * run)
-    throw std::invalid_argument("load_kv: state of " + std::to_string(nbytes) + " bytes, expected " +
-                                std::to_string(2 * n_runs * run) + " for " + std::to_string(n_pos) +
-                                " positions of this model and cache type");
-  for (size_t i = 0; i < n_runs; i++) {
-    std::memcpy(kv_k_.data() + i * stride, data + i * run, run);
-    std::memcpy(kv_v_.data() + i * stride, data + (n_runs + i) * run, run);
-  }
+  kv_.load(data, nbytes, n_pos);
 }
 
 void Model::forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
@@ -404,7 +443,6 @@ void Model::forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, b
                           float* logits) {
   const int64_t dim = hp_.dim, hd = hp_.head_dim;
   const int64_t q_dim = hp_.n_heads * hd, kv_dim = hp_.n_kv_heads * hd, ffn = hp_.ffn_dim;
-  const size_t eb = kv_f16_ ? 2 : 4;
 
   // x = token_embd[tokens]
   for (int64_t t = 0; t < n; t++) embed(tokens[t], x_.data() + t * dim);
@@ -424,16 +462,8 @@ void Model::forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, b
       rope(q_.data() + t * q_dim, hp_.n_heads, pos);
       rope(k_cur_.data() + t * kv_dim, hp_.n_kv_heads, pos);
       for (int64_t g = 0; g < hp_.n_kv_heads; g++) {
-        const size_t off = ((size_t(l) * hp_.n_kv_heads + g) * n_ctx_ + pos) * hd;
-        const float* ks = k_cur_.data() + t * kv_dim + g * hd;
-        const float* vs = v_cur_.data() + t * kv_dim + g * hd;
-        if (kv_f16_) {
-          k_->fp32_to_fp16_row(ks, reinterpret_cast<fp16_t*>(kv_k_.data() + off * eb), hd);
-          k_->fp32_to_fp16_row(vs, reinterpret_cast<fp16_t*>(kv_v_.data() + off * eb), hd);
-        } else {
-          std::memcpy(kv_k_.data() + off * eb, ks, hd * 4);
-          std::memcpy(kv_v_.data() + off * eb, vs, hd * 4);
-        }
+        kv_kernels_.from_float(k_cur_.data() + t * kv_dim + g * hd, kv_.k(l, g, pos), hd);
+        kv_kernels_.from_float(v_cur_.data() + t * kv_dim + g * hd, kv_.v(l, g, pos), hd);
       }
     }
     // att = softmax(q k^T / sqrt(hd)) v, causal, per head

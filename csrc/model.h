@@ -1,4 +1,5 @@
-// The LLaMA forward pass: all layers for a batch of tokens in one call (DESIGN.md, decision 5).
+// The LLaMA forward pass: all layers for a batch of tokens in one call (docs/design.md,
+// decision 5).
 #pragma once
 #include <cstdint>
 #include <initializer_list>
@@ -64,6 +65,7 @@ class Scratch {
 // (weight_layout.h); `stride` is the bytes of one GGML row.
 struct Matrix {
   GgmlType type = GgmlType::F32;
+  const TypeKernels* kernels = nullptr;  // the model's kernel table's row for `type`
   int64_t rows = 0, cols = 0;
   size_t stride = 0;
   Buffer data;
@@ -79,6 +81,34 @@ struct Layer {
   Matrix ffn_gate;               // (ffn_dim, dim)
   Matrix ffn_up;                 // (ffn_dim, dim)
   Matrix ffn_down;               // (dim, ffn_dim)
+};
+
+// The attention KV cache: keys and values of every layer, KV head and position, each
+// (n_layers, n_kv_heads, n_ctx, head_dim) elements of one type (F16 or F32).
+class KvCache {
+ public:
+  KvCache() = default;
+  KvCache(int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim, GgmlType type);
+
+  GgmlType type() const { return type_; }
+  size_t row_bytes() const { return row_bytes_; }  // one position of one head: (head_dim)
+  // Address of the key / value row of (layer, kv head, position); rows of consecutive
+  // positions follow each other, row_bytes() apart.
+  uint8_t* k(int64_t layer, int64_t head, int64_t pos) { return k_.data() + offset(layer, head, pos); }
+  uint8_t* v(int64_t layer, int64_t head, int64_t pos) { return v_.data() + offset(layer, head, pos); }
+  size_t bytes() const { return k_.size() + v_.size(); }
+  // Positions [0, n_pos) of every layer and head as bytes (all keys, then all values), and back.
+  std::vector<uint8_t> save(int64_t n_pos);
+  void load(const uint8_t* data, size_t nbytes, int64_t n_pos);
+
+ private:
+  size_t offset(int64_t layer, int64_t head, int64_t pos) const {
+    return ((size_t(layer) * n_kv_heads_ + size_t(head)) * n_ctx_ + size_t(pos)) * row_bytes_;
+  }
+  int64_t n_layers_ = 0, n_kv_heads_ = 0, n_ctx_ = 0;
+  GgmlType type_ = GgmlType::F32;
+  size_t row_bytes_ = 0;
+  Buffer k_, v_;  // (n_layers, n_kv_heads, n_ctx, head_dim) each
 };
 
 class Model {
@@ -99,7 +129,7 @@ class Model {
   int64_t n_ctx() const { return n_ctx_; }
   int n_threads() const { return pool_.size(); }
   const char* isa() const { return k_->name; }
-  size_t kv_cache_bytes() const { return kv_k_.size() + kv_v_.size(); }
+  size_t kv_cache_bytes() const { return kv_.bytes(); }
   size_t weight_bytes() const { return weight_bytes_; }
 
   static constexpr int64_t kMaxBatch = 512;  // tokens per internal batch; longer inputs loop
@@ -117,15 +147,32 @@ class Model {
   // out = x @ w.T for every job; x (n_tok, x_stride) is quantized once per activation format
   // and all jobs' row chunks run in one parallel region (Q|K|V and gate|up fused).
   void matmuls(const float* x, int64_t n_tok, int64_t x_stride, std::initializer_list<MatmulJob> jobs);
+  // How one layer's attention is split into tasks (decided in Model::attention).
+  struct AttentionPlan {
+    int64_t layer, n, start_pos;
+    int64_t group;     // query heads per KV head
+    int64_t tpt;       // tokens per block of queries (tokens_per_attention_task)
+    int64_t n_parts;   // parts the positions of each KV head are split into (1: no split)
+    int64_t part_len;  // positions per part
+  };
+  // att = softmax(q k^T / sqrt(head_dim)) v for the batch, causal: plans the split into tasks,
+  // runs them, merges split positions.
   void attention(int64_t layer, int64_t n, int64_t start_pos);
+  // One task: the queries of the block of tokens from t0 that share KV head g, against part
+  // `part` of the positions they see. Writes att_ (n_parts == 1) or the part's slot in part_o_
+  // and part_log_sum_.
+  void attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t part, int thread);
+  // att_ from the parts' outputs: softmax over a whole row = the parts' softmaxes weighted by
+  // exp(log_sum_part - log_sum_row).
+  void merge_parts(const AttentionPlan& p);
   void round_to_f16(float* x, int64_t n) const;
   void rope(float* v, int64_t n_heads_here, int64_t pos) const;
   void embed(int32_t token, float* out);
 
   HParams hp_;
   int64_t n_ctx_;
-  bool kv_f16_;
   const KernelTable* k_;
+  const TypeKernels& f16_;  // fp16 rows to/from float (round_to_f16)
   ThreadPool pool_;
   std::mutex forward_mutex_;  // one forward at a time per model
   size_t weight_bytes_ = 0;
@@ -136,8 +183,8 @@ class Model {
   Matrix output;                   // (n_vocab, dim); rows == 0 when tied to token_embd
   std::vector<double> inv_freq_;   // (n_rot / 2) RoPE frequencies
 
-  // KV cache, per layer / kv head / position: (n_layers, n_kv_heads, n_ctx, head_dim)
-  Buffer kv_k_, kv_v_;
+  KvCache kv_;
+  const TypeKernels& kv_kernels_;  // the cache's element type: float rows into it
 
   // Activations for one batch of up to kMaxBatch tokens, allocated once.
   Scratch x_;        // (batch, dim) residual stream
@@ -149,9 +196,11 @@ class Model {
   Scratch proj_;     // (batch, dim) output of attn_output / ffn_down
   Scratch gate_;     // (batch, ffn_dim)
   Scratch up_;       // (batch, ffn_dim)
-  Buffer act_q8_0_;  // (batch, max(dim, ffn_dim)) activations as Q8_0 blocks
-  Buffer act_q8_1_;  // (batch, max(dim, ffn_dim)) activations as Q8_1 blocks
-  std::vector<int32_t> act_sums_;  // (batch, blocks) q8_0_block_sums of act_q8_0_
+  // Activations in each vec_dot_type (TypeTraits) the weights need, indexed by type id:
+  // (batch, max(dim, ffn_dim, q_dim)) in that type; empty for the types no weight uses and
+  // for F32 (the float activations themselves).
+  std::vector<Buffer> act_;
+  std::vector<int32_t> act_sums_;  // (batch, blocks) q8_0_block_sums of act_[Q8_0]
   struct Chunk {  // a slice of rows of one matmul job: the unit of work of matmuls()
     const MatmulJob* job;
     int64_t r0, n_rows;

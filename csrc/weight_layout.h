@@ -35,9 +35,7 @@ inline void ggml_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_
 }
 
 // --- Panel8 layout ---
-inline bool panel8_applies(GgmlType t) {
-  return t == GgmlType::Q4_0 || t == GgmlType::Q4_1 || t == GgmlType::Q8_0;
-}
+inline bool panel8_applies(GgmlType t) { return type_traits(t).panel8; }
 
 // Bytes of a block's scales and of its quants in GGML's block struct.
 struct BlockParts {
@@ -45,12 +43,8 @@ struct BlockParts {
   size_t quants;  // the qs bytes that follow
 };
 inline BlockParts block_parts(GgmlType t) {
-  switch (t) {
-    case GgmlType::Q4_0: return {2, 16};
-    case GgmlType::Q4_1: return {4, 16};
-    case GgmlType::Q8_0: return {2, 32};
-    default: return {0, 0};
-  }
+  const TypeTraits& tt = type_traits(t);
+  return {tt.scale_bytes, tt.type_size - tt.scale_bytes};
 }
 
 inline size_t panel8_packed_bytes(GgmlType t, int64_t rows, int64_t cols) {
@@ -65,7 +59,7 @@ inline void panel8_pack(GgmlType t, const void* src, int64_t rows, int64_t cols,
   if (!panel8_applies(t)) return ggml_pack(t, src, rows, cols, dst);
   const BlockParts bp = block_parts(t);
   const size_t bb = bp.scales + bp.quants, rb = row_bytes(t, cols), pb = kPanelRows * bb;
-  const int64_t nb = cols / QK, panels = (rows + kPanelRows - 1) / kPanelRows;
+  const int64_t nb = cols / type_traits(t).block_size, panels = (rows + kPanelRows - 1) / kPanelRows;
   const auto* s = static_cast<const uint8_t*>(src);
   auto* d = static_cast<uint8_t*>(dst);
   std::memset(d, 0, panel8_packed_bytes(t, rows, cols));
@@ -88,7 +82,7 @@ inline void panel8_unpack_row(GgmlType t, const void* packed, int64_t cols, int6
   if (!panel8_applies(t)) return ggml_unpack_row(t, packed, cols, row, dst);
   const BlockParts bp = block_parts(t);
   const size_t bb = bp.scales + bp.quants, rb = row_bytes(t, cols), pb = kPanelRows * bb;
-  const int64_t nb = cols / QK, p = row / kPanelRows, r = row % kPanelRows;
+  const int64_t nb = cols / type_traits(t).block_size, p = row / kPanelRows, r = row % kPanelRows;
   const uint8_t* ps = static_cast<const uint8_t*>(packed) + size_t(p) * kPanelRows * rb;
   auto* d = static_cast<uint8_t*>(dst);
   for (int64_t b = 0; b < nb; b++) {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from alpaca_cpu import _core
+from alpaca_cpu import _core, ggml_types
 from alpaca_cpu import quants as q
 
 # Relative tolerance of a GEMM result against the float64 numpy twin: block sums are exact
@@ -22,7 +22,7 @@ ELEMENTWISE_RTOL = 1e-5
 # as a normal number (a score ~87 below the row's max: exp underflows to a denormal or 0).
 SOFTMAX_UNDERFLOW_ATOL = float(np.finfo(np.float32).tiny)
 
-WEIGHT_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.F16, T.F32]
+WEIGHT_TYPES = sorted(ggml_types.WEIGHT_TYPES)
 # (rows, n_tok, cols): rows not a multiple of 8, one row, K = 32 and K = 11008.
 SHAPES = [(1, 1, 32), (7, 3, 32), (13, 5, 96), (9, 2, 11008), (24, 17, 576)]
 

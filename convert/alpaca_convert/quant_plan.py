@@ -16,6 +16,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 
+from alpaca_cpu.ggml_types import BLOCK_WEIGHT_TYPES as _QUANTIZED
+
 OUTTYPES: dict[str, T] = {"f32": T.F32, "f16": T.F16, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
                           "q8_0": T.Q8_0}
 FILE_TYPES: dict[T, LlamaFileType] = {
@@ -23,7 +25,6 @@ FILE_TYPES: dict[T, LlamaFileType] = {
     T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1,
     T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
 }
-_QUANTIZED = {T.Q4_0, T.Q4_1, T.Q8_0}
 
 
 @dataclass(frozen=True)

@@ -91,27 +91,10 @@ std::vector<float> normal(size_t n, uint32_t seed, float scale = 1.0f) {
   return v;
 }
 
-const char* type_name(GgmlType t) {
-  switch (t) {
-    case GgmlType::F32: return "f32";
-    case GgmlType::F16: return "f16";
-    case GgmlType::Q4_0: return "q4_0";
-    case GgmlType::Q4_1: return "q4_1";
-    case GgmlType::Q8_0: return "q8_0";
-    case GgmlType::Q8_1: return "q8_1";
-  }
-  return "?";
-}
+const char* type_name(GgmlType t) { return type_traits(t).name; }
 
-// The activation format each weight type is paired with (see KernelTable::gemm).
-GgmlType act_type(GgmlType w) {
-  switch (w) {
-    case GgmlType::Q4_0: return GgmlType::Q8_0;
-    case GgmlType::Q4_1: return GgmlType::Q8_1;
-    case GgmlType::Q8_0: return GgmlType::Q8_0;
-    default: return GgmlType::F32;
-  }
-}
+// The activation format each weight type is paired with (see GemmFn).
+GgmlType act_type(GgmlType w) { return type_traits(w).vec_dot_type; }
 
 // ---------------------------------------------------------------------------------------------
 // Operands: `rows` rows of `n` elements in a storage type, stored `stride` bytes apart, plus
@@ -191,14 +174,7 @@ Rows random_rows(GgmlType t, int64_t rows, int64_t n, uint32_t seed) {
   for (int64_t i = 0; i < rows; i++) {
     const std::vector<float> x = normal(size_t(n), seed + uint32_t(i));
     uint8_t* dst = r.bytes.data() + size_t(i) * r.stride;
-    switch (t) {
-      case GgmlType::Q4_0: s.quantize_row_q4_0(x.data(), reinterpret_cast<block_q4_0*>(dst), n); break;
-      case GgmlType::Q4_1: s.quantize_row_q4_1(x.data(), reinterpret_cast<block_q4_1*>(dst), n); break;
-      case GgmlType::Q8_0: s.quantize_row_q8_0(x.data(), reinterpret_cast<block_q8_0*>(dst), n); break;
-      case GgmlType::Q8_1: s.quantize_row_q8_1(x.data(), reinterpret_cast<block_q8_1*>(dst), n); break;
-      case GgmlType::F16: s.fp32_to_fp16_row(x.data(), reinterpret_cast<fp16_t*>(dst), n); break;
-      case GgmlType::F32: std::memcpy(dst, x.data(), size_t(n) * 4); break;
-    }
+    s.of(t, Need::FromFloat).from_float(x.data(), dst, n);
     decode_row(t, dst, n, r.values.data() + i * n);
   }
   return r;
@@ -248,18 +224,7 @@ Rows integer_rows(GgmlType t, int64_t rows, int64_t n, uint32_t seed, int amp) {
 }
 
 float table_dot(const KernelTable& k, GgmlType wt, int64_t n, const uint8_t* w, const uint8_t* a) {
-  switch (wt) {
-    case GgmlType::Q4_0:
-      return k.dot_q4_0_q8_0(n, reinterpret_cast<const block_q4_0*>(w), reinterpret_cast<const block_q8_0*>(a));
-    case GgmlType::Q4_1:
-      return k.dot_q4_1_q8_1(n, reinterpret_cast<const block_q4_1*>(w), reinterpret_cast<const block_q8_1*>(a));
-    case GgmlType::Q8_0:
-      return k.dot_q8_0_q8_0(n, reinterpret_cast<const block_q8_0*>(w), reinterpret_cast<const block_q8_0*>(a));
-    case GgmlType::F16:
-      return k.dot_f16_f32(n, reinterpret_cast<const fp16_t*>(w), reinterpret_cast<const float*>(a));
-    default:
-      return k.dot_f32_f32(n, reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(a));
-  }
+  return k.of(wt, Need::Dot).dot(n, w, a);
 }
 
 // sum_i |w_i * a_i| of weight row r and activation row t: the scale of rounding errors.
@@ -275,8 +240,14 @@ double exact_dot(const Rows& w, int64_t r, const Rows& a, int64_t t) {
   return s;
 }
 
-const GgmlType kWeightTypes[] = {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16,
-                                 GgmlType::F32};
+// Every weight type of the traits table.
+std::vector<GgmlType> weight_types() {
+  std::vector<GgmlType> out;
+  for (const TypeTraits* tt : all_type_traits())
+    if (tt->is_weight) out.push_back(tt->type);
+  return out;
+}
+const std::vector<GgmlType> kWeightTypes = weight_types();
 
 // ---------------------------------------------------------------------------------------------
 // Quantizers and dequantizers: bit-exact with the scalar twin.
@@ -308,44 +279,41 @@ std::vector<float> quantizer_inputs() {
   return x;
 }
 
-template <typename Block, typename Fn>
-std::string compare_quantizer(Fn fs, Fn ft, const std::vector<float>& x) {
+// Type t's from_float on tables s and t, byte for byte.
+std::string compare_quantizer(GgmlType type, const KernelTable& s, const KernelTable& t,
+                              const std::vector<float>& x) {
   const int64_t k = int64_t(x.size());
-  std::vector<Block> ys(size_t(k / QK)), yt(size_t(k / QK));
-  std::memset(ys.data(), 0, ys.size() * sizeof(Block));
-  std::memset(yt.data(), 0xff, yt.size() * sizeof(Block));  // padding bytes must not matter
-  fs(x.data(), ys.data(), k);
-  ft(x.data(), yt.data(), k);
-  for (size_t b = 0; b < ys.size(); b++) {
-    if (std::memcmp(&ys[b], &yt[b], sizeof(Block)) != 0) {
-      const auto* ps = reinterpret_cast<const uint8_t*>(&ys[b]);
-      const auto* pt = reinterpret_cast<const uint8_t*>(&yt[b]);
-      size_t i = 0;
-      while (ps[i] == pt[i]) i++;
-      return fmt("block %zu of %lld differs at byte %zu: scalar 0x%02x, got 0x%02x", b,
-                 (long long)ys.size(), i, ps[i], pt[i]);
+  const size_t bb = type_traits(type).type_size, rb = row_bytes(type, k);
+  std::vector<uint8_t> ys(rb, 0), yt(rb, 0xff);  // padding bytes must not matter
+  s.of(type, Need::FromFloat).from_float(x.data(), ys.data(), k);
+  t.of(type, Need::FromFloat).from_float(x.data(), yt.data(), k);
+  for (size_t i = 0; i < rb; i++) {
+    if (ys[i] != yt[i]) {
+      return fmt("block %zu of %zu differs at byte %zu: scalar 0x%02x, got 0x%02x", i / bb,
+                 rb / bb, i % bb, ys[i], yt[i]);
     }
   }
   return "";
 }
 
-template <typename Block, typename Fn>
-std::string compare_dequantizer(Fn fs, Fn ft, uint32_t seed) {
-  // Random bytes with a random finite fp16 scale (and min): every bit pattern of qs.
+// Type t's to_float on tables s and t, bit for bit.
+std::string compare_dequantizer(GgmlType type, const KernelTable& s, const KernelTable& t,
+                                uint32_t seed) {
+  // Random bytes with random finite fp16 scales (d, and m or s): every bit pattern of qs.
+  const TypeTraits& tt = type_traits(type);
   const int64_t nb = 97;
-  std::vector<Block> blocks(nb);
+  std::vector<uint8_t> blocks(size_t(nb) * tt.type_size);
   std::mt19937 rng(seed);
-  auto* p = reinterpret_cast<uint8_t*>(blocks.data());
-  for (size_t i = 0; i < blocks.size() * sizeof(Block); i++) p[i] = uint8_t(rng());
-  for (auto& blk : blocks) {
-    fp16_t* h = reinterpret_cast<fp16_t*>(&blk);  // d, then m for q4_1: both lead the block
-    for (size_t i = 0; i < (sizeof(Block) == sizeof(block_q4_1) ? 2u : 1u); i++) {
+  for (auto& b : blocks) b = uint8_t(rng());
+  for (int64_t b = 0; b < nb; b++) {
+    fp16_t* h = reinterpret_cast<fp16_t*>(blocks.data() + size_t(b) * tt.type_size);
+    for (size_t i = 0; i < tt.scale_bytes / 2; i++) {
       if ((h[i] & 0x7c00) == 0x7c00) h[i] &= 0xbfff;  // inf/NaN exponent -> finite
     }
   }
   std::vector<float> ys(size_t(nb * QK)), yt(size_t(nb * QK));
-  fs(blocks.data(), ys.data(), nb * QK);
-  ft(blocks.data(), yt.data(), nb * QK);
+  s.of(type, Need::ToFloat).to_float(blocks.data(), ys.data(), nb * QK);
+  t.of(type, Need::ToFloat).to_float(blocks.data(), yt.data(), nb * QK);
   for (size_t i = 0; i < ys.size(); i++) {
     if (bits(ys[i]) != bits(yt[i])) {
       return fmt("element %zu: scalar %.9g, got %.9g", i, ys[i], yt[i]);
@@ -362,22 +330,14 @@ void test_quantizers(const KernelTable& s, const KernelTable& t) {
       {"k=96", normal(96, 2, 3.0f)},
       {"k=11008", normal(11008, 3, 0.05f)},
   };
-  for (const auto& [label, x] : inputs) {
-    record(isa + " quantize_row_q8_0 " + label,
-           compare_quantizer<block_q8_0>(s.quantize_row_q8_0, t.quantize_row_q8_0, x));
-    record(isa + " quantize_row_q8_1 " + label,
-           compare_quantizer<block_q8_1>(s.quantize_row_q8_1, t.quantize_row_q8_1, x));
-    record(isa + " quantize_row_q4_0 " + label,
-           compare_quantizer<block_q4_0>(s.quantize_row_q4_0, t.quantize_row_q4_0, x));
-    record(isa + " quantize_row_q4_1 " + label,
-           compare_quantizer<block_q4_1>(s.quantize_row_q4_1, t.quantize_row_q4_1, x));
+  // Every block type of the traits table (F16 and F32 rows: test_fp16).
+  for (const TypeTraits* tt : all_type_traits()) {
+    if (!tt->is_block) continue;
+    for (const auto& [label, x] : inputs)
+      record(isa + " from_float " + tt->name + " " + label, compare_quantizer(tt->type, s, t, x));
+    record(isa + " to_float " + tt->name,
+           compare_dequantizer(tt->type, s, t, 20 + uint32_t(tt->type)));
   }
-  record(isa + " dequantize_row_q4_0",
-         compare_dequantizer<block_q4_0>(s.dequantize_row_q4_0, t.dequantize_row_q4_0, 21));
-  record(isa + " dequantize_row_q4_1",
-         compare_dequantizer<block_q4_1>(s.dequantize_row_q4_1, t.dequantize_row_q4_1, 22));
-  record(isa + " dequantize_row_q8_0",
-         compare_dequantizer<block_q8_0>(s.dequantize_row_q8_0, t.dequantize_row_q8_0, 23));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,8 +350,12 @@ void test_fp16(const KernelTable& s, const KernelTable& t) {
   for (size_t i = 0; i < halves.size(); i++) halves[i] = fp16_t(i);
   std::vector<float> fs(halves.size()), ft(halves.size());
   std::string err;
-  s.fp16_to_fp32_row(halves.data(), fs.data(), int64_t(halves.size()));
-  t.fp16_to_fp32_row(halves.data(), ft.data(), int64_t(halves.size()));
+  const ToFloatFn s_to = s.of(GgmlType::F16, Need::ToFloat).to_float;
+  const ToFloatFn t_to = t.of(GgmlType::F16, Need::ToFloat).to_float;
+  const FromFloatFn s_from = s.of(GgmlType::F16, Need::FromFloat).from_float;
+  const FromFloatFn t_from = t.of(GgmlType::F16, Need::FromFloat).from_float;
+  s_to(halves.data(), fs.data(), int64_t(halves.size()));
+  t_to(halves.data(), ft.data(), int64_t(halves.size()));
   for (size_t i = 0; i < halves.size() && err.empty(); i++) {
     if (!same_float_or_nan(fs[i], ft[i])) {
       err = fmt("half 0x%04zx: scalar 0x%08x, got 0x%08x", i, bits(fs[i]), bits(ft[i]));
@@ -401,8 +365,8 @@ void test_fp16(const KernelTable& s, const KernelTable& t) {
   err.clear();
   for (int64_t len : {1, 3, 7, 9, 15, 17, 29}) {
     std::vector<float> a(size_t(len), -1.0f), b(size_t(len), -2.0f);
-    s.fp16_to_fp32_row(halves.data() + 0x3c01, a.data(), len);
-    t.fp16_to_fp32_row(halves.data() + 0x3c01, b.data(), len);
+    s_to(halves.data() + 0x3c01, a.data(), len);
+    t_to(halves.data() + 0x3c01, b.data(), len);
     for (int64_t i = 0; i < len && err.empty(); i++) {
       if (bits(a[size_t(i)]) != bits(b[size_t(i)])) err = fmt("k=%lld element %lld", (long long)len, (long long)i);
     }
@@ -434,8 +398,8 @@ void test_fp16(const KernelTable& s, const KernelTable& t) {
   for (int i = 0; i < 65536; i++) x.push_back(from_bits(rng()));
   while (x.size() % 8 != 5) x.push_back(1.0f);  // a row length that leaves a tail
   std::vector<fp16_t> hs(x.size()), ht(x.size());
-  s.fp32_to_fp16_row(x.data(), hs.data(), int64_t(x.size()));
-  t.fp32_to_fp16_row(x.data(), ht.data(), int64_t(x.size()));
+  s_from(x.data(), hs.data(), int64_t(x.size()));
+  t_from(x.data(), ht.data(), int64_t(x.size()));
   err.clear();
   for (size_t i = 0; i < x.size() && err.empty(); i++) {
     if (!same_half_or_nan(hs[i], ht[i])) {
@@ -448,8 +412,8 @@ void test_fp16(const KernelTable& s, const KernelTable& t) {
   for (size_t start : {size_t(40001), size_t(x.size() - 40003)}) {
     for (int64_t len : {1, 3, 7, 9, 15, 17, 29}) {
       std::vector<fp16_t> a(static_cast<size_t>(len)), b(static_cast<size_t>(len));
-      s.fp32_to_fp16_row(x.data() + start, a.data(), len);
-      t.fp32_to_fp16_row(x.data() + start, b.data(), len);
+      s_from(x.data() + start, a.data(), len);
+      t_from(x.data() + start, b.data(), len);
       for (int64_t i = 0; i < len && err.empty(); i++) {
         if (!same_half_or_nan(a[size_t(i)], b[size_t(i)])) {
           err = fmt("k=%lld element %lld: scalar 0x%04x, got 0x%04x", (long long)len, (long long)i,
@@ -497,7 +461,7 @@ void test_exact(const KernelTable& t) {
       const float got = table_dot(t, wt, n, w.row(0), a.row(0));
       if (double(got) != want) err = fmt("dot: want %.1f, got %.9g", want, got);
       std::vector<float> out(3 * 5);
-      t.gemm(wt, n, packed_for(t, w).data(), row_bytes(wt, n), 5, a.bytes.data(), a.stride,
+      t.of(wt, Need::Gemm).gemm(n, packed_for(t, w).data(), row_bytes(wt, n), 5, a.bytes.data(), a.stride,
              sums_of(a).data(), 3, out.data(), 5);
       for (int64_t tok = 0; tok < 3 && err.empty(); tok++) {
         for (int64_t r = 0; r < 5 && err.empty(); r++) {
@@ -527,9 +491,9 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
       std::vector<float> os(size_t(sh.n_tok * out_stride), sentinel), ot = os;
       const size_t rb = row_bytes(wt, sh.n);
       const std::vector<int32_t> sums = sums_of(a);
-      s.gemm(wt, sh.n, packed_for(s, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sums.data(), sh.n_tok,
+      s.of(wt, Need::Gemm).gemm(sh.n, packed_for(s, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sums.data(), sh.n_tok,
              os.data(), out_stride);
-      t.gemm(wt, sh.n, packed_for(t, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sums.data(), sh.n_tok,
+      t.of(wt, Need::Gemm).gemm(sh.n, packed_for(t, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sums.data(), sh.n_tok,
              ot.data(), out_stride);
       std::string err;
       for (int64_t tok = 0; tok < sh.n_tok && err.empty(); tok++) {
@@ -655,6 +619,40 @@ void test_dispatch(const std::vector<std::string>& isas, const std::string& expe
   }
 }
 
+// The table has every kernel a weight type needs (conversions, dot, gemm, and a quantizer for
+// its activation format), and refuses type ids the traits table does not know.
+void test_type_kernels(const KernelTable& t) {
+  const std::string isa = t.name;
+  for (GgmlType wt : kWeightTypes) {
+    std::string err;
+    try {
+      t.of(wt, Need::ToFloat);
+      t.of(wt, Need::FromFloat);
+      t.of(wt, Need::Dot);
+      t.of(wt, Need::Gemm);
+      if (act_type(wt) != GgmlType::F32) t.of(act_type(wt), Need::FromFloat);
+    } catch (const std::invalid_argument& e) {
+      err = e.what();
+    }
+    record(isa + fmt(" kernels of %s", type_name(wt)), err);
+  }
+  for (int id = -1; id < kGgmlTypeSlots + 2; id++) {
+    bool known = false;
+    for (const TypeTraits* tt : all_type_traits()) known = known || int(tt->type) == id;
+    std::string err;
+    try {
+      t.of(GgmlType(id), Need::Gemm);
+      if (!known) err = "an unknown type id got kernels";
+    } catch (const std::invalid_argument& e) {
+      const std::string msg = e.what();
+      if (known && type_traits(GgmlType(id)).is_weight) err = "refused a weight type: " + msg;
+      if (!known && msg.find("type id " + std::to_string(id)) == std::string::npos)
+        err = "message does not name the id: " + msg;
+    }
+    if (!err.empty() || !known) record(isa + fmt(" of(type id %d)", id), err);
+  }
+}
+
 // Packing is lossless: every row unpacks to its GGML bytes, on every table and type.
 void test_layout(const KernelTable& t) {
   const std::string isa = t.name;
@@ -694,6 +692,7 @@ int main(int argc, char** argv) {
   for (const auto& name : isas) {
     const KernelTable& t = *kernels_for(name);
     const int before = g_passed + g_failed;
+    test_type_kernels(t);
     test_exact(t);  // scalar included: exact results need no twin
     test_layout(t);
     if (name != "scalar") {

@@ -30,6 +30,9 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 1024
 MAX_VOCAB = 1 << 22
 MAX_FFN = 1 << 20
+MAX_CONTEXT = 1 << 24
+MAX_ROPE_BASE = 1e12  # open interval (0, MAX_ROPE_BASE)
+MAX_RMS_EPS = 1.0  # open interval (0, MAX_RMS_EPS)
 
 
 @dataclass
@@ -121,9 +124,10 @@ def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]
     if n_rot % 2:
         raise _err(path, f"metadata key 'llama.rope.dimension_count' = {n_rot}, expected even")
     ffn_dim = _int_key(path, md, "llama.feed_forward_length", 1, MAX_FFN)
-    rope_base = _float_key(path, md, "llama.rope.freq_base", 0.0, 1e12, 10000.0)
-    rms_eps = _float_key(path, md, "llama.attention.layer_norm_rms_epsilon", 0.0, 1.0, None)
-    context_length = _int_key(path, md, "llama.context_length", 1, 1 << 24)
+    rope_base = _float_key(path, md, "llama.rope.freq_base", 0.0, MAX_ROPE_BASE, 10000.0)
+    rms_eps = _float_key(path, md, "llama.attention.layer_norm_rms_epsilon", 0.0, MAX_RMS_EPS,
+                         None)
+    context_length = _int_key(path, md, "llama.context_length", 1, MAX_CONTEXT)
     scaling = md.get("llama.rope.scaling.type")
     if scaling not in (None, "none") or "rope_freqs.weight" in tensor_names:
         raise _err(path, "RoPE scaling ('llama.rope.scaling.*' or rope_freqs.weight) "

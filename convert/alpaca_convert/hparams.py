@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from alpaca_cpu.config import ModelConfig
 from alpaca_cpu.gguf_file import (
+    MAX_CONTEXT,
     MAX_DIM,
     MAX_FFN,
     MAX_HEAD_DIM,
     MAX_HEADS,
     MAX_LAYERS,
+    MAX_RMS_EPS,
+    MAX_ROPE_BASE,
     MAX_VOCAB,
     expected_tensor_shapes,
 )
@@ -17,7 +20,6 @@ from alpaca_cpu.gguf_file import (
 from . import metadata as kv
 from .errors import ConvertError
 
-MAX_CONTEXT = 1 << 24  # the bound gguf_file puts on llama.context_length
 # The engine's sanity bounds, so that a lying config cannot make us plan absurd tensors.
 _LIMITS = {"dim": MAX_DIM, "n_layers": MAX_LAYERS, "n_heads": MAX_HEADS, "n_kv_heads": MAX_HEADS,
            "head_dim": MAX_HEAD_DIM, "ffn_dim": MAX_FFN, "n_vocab": MAX_VOCAB,
@@ -35,10 +37,12 @@ def check_config(config: ModelConfig, where: str) -> ModelConfig:
                            f"{config.n_heads} attention heads")
     if config.head_dim % 2:
         raise ConvertError(f"{where}: head size {config.head_dim} is odd, RoPE needs it even")
-    if not (0.0 < config.rms_eps < 1.0):
-        raise ConvertError(f"{where}: RMS norm epsilon {config.rms_eps!r}, expected in (0, 1)")
-    if not (0.0 < config.rope_base < 1e12):
-        raise ConvertError(f"{where}: RoPE base {config.rope_base!r}, expected in (0, 1e12)")
+    if not (0.0 < config.rms_eps < MAX_RMS_EPS):
+        raise ConvertError(f"{where}: RMS norm epsilon {config.rms_eps!r}, "
+                           f"expected in (0, {MAX_RMS_EPS:g})")
+    if not (0.0 < config.rope_base < MAX_ROPE_BASE):
+        raise ConvertError(f"{where}: RoPE base {config.rope_base!r}, "
+                           f"expected in (0, {MAX_ROPE_BASE:g})")
     return config
 
 

@@ -124,7 +124,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def previous(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete earlier conversion (another type), for the kills of --force runs."""
     out = tmp_path_factory.mktemp("previous") / "model.gguf"
-    subprocess.run([sys.executable, "-m", "alpaca_convert", *command(hf_dir, out, False, "q4_0")],
+    subprocess.run([sys.executable, "-m", "alpaca_convert", *command(hf_dir, out, False, "f16")],
                    check=True, timeout=HANG_GUARD_S)
     assert_complete(out)
     return out

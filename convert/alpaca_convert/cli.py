@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="checkpoint folder or .gguf file")
     p.add_argument("-o", "--output", help="output .gguf file (required unless --dry-run)")
     p.add_argument("--outtype", choices=list(OUTTYPES), default="q4_0",
-                   help="weight type of the output (default: q4_0); norms stay f32")
+                   help="weight type of the output, or llama.cpp's mix of types for it (q4_k_m "
+                        "...; see the README); default: q4_0. Norms stay f32")
     p.add_argument("--lora", metavar="DIR",
                    help="PEFT LoRA adapter folder to merge into the weights")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")

@@ -14,15 +14,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_VERSION
 
-from alpaca_cpu import _core
+from alpaca_cpu import _core, ggml_types
 from alpaca_cpu.system import physical_cores
 
 from . import metadata as kv
 from .detect import open_source
 from .errors import ConvertError
-from .hparams import tensor_shapes
 from .lora import LoraAdapter
-from .quant_plan import FILE_TYPES, OUTTYPES, PlannedTensor, plan
+from .quant_plan import MIXES, PlannedTensor, plan, quantizer_missing
 from .source import Source
 from .writer import check_output, write_gguf
 
@@ -68,6 +67,19 @@ def _producer(source: Source, lora: LoraAdapter | None,
     return produce
 
 
+def _missing_quantizers(tensors: list[PlannedTensor], outtype: str) -> str:
+    """Why this build cannot write the plan ('' if it can): the types its engine's type table
+    lacks, so a build that gains them needs no change here."""
+    missing = quantizer_missing(tensors)
+    if not missing:
+        return ""
+    names = ", ".join(t.name for t in missing)
+    have = ", ".join(t.name for t in sorted(ggml_types.WEIGHT_TYPES))
+    return (f"--outtype {outtype}: {'types' if len(missing) > 1 else 'type'} {names} "
+            f"{'are' if len(missing) > 1 else 'is'} not supported by this build's quantizers "
+            f"(it has {have})")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -88,11 +100,12 @@ def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedT
           f"head size {p.head_dim}, ffn {p.ffn_dim}, vocab {p.n_vocab}, "
           f"{'tied' if p.tied_embeddings else 'untied'} embeddings, rope base {p.rope_base:g}",
           file=out)
-    print(f"output:    {output if output else '(none)'} as {outtype}, "
+    print(f"output:    {output if output else '(none)'} as {outtype} "
+          f"({MIXES[outtype].file_type.name}), "
           f"{len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))} of weights", file=out)
     for t in tensors:
         print(f"  {t.name:<28} {'x'.join(map(str, t.shape)):>14}  "
-              f"{source.stored_type(t.name):>8} -> {t.type.name:<5} {_human(t.nbytes):>10}",
+              f"{source.stored_type(t.name):>8} -> {t.type.name:<6} {_human(t.nbytes):>10}",
               file=out)
 
 
@@ -107,9 +120,8 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
     """
     start = time.monotonic()
     out = out if out is not None else sys.stdout
-    if outtype not in OUTTYPES:
-        raise ConvertError(f"--outtype {outtype!r}, expected one of {', '.join(OUTTYPES)}")
-    qtype = OUTTYPES[outtype]
+    if outtype not in MIXES:
+        raise ConvertError(f"--outtype {outtype!r}, expected one of {', '.join(MIXES)}")
     if output is None and not dry_run:
         raise ConvertError("no output file given (-o OUTPUT.gguf)")
     output = Path(output) if output is not None else None
@@ -119,9 +131,10 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
 
     source = open_source(input_path)
     adapter = LoraAdapter(Path(lora), source.params) if lora is not None else None
-    tensors = plan(tensor_shapes(source.params), qtype, source.params.tied_embeddings)
+    tensors = plan(source.params, outtype)
+    missing = _missing_quantizers(tensors, outtype)
     entries = source.metadata() + [
-        kv.u32("general.file_type", int(FILE_TYPES[qtype])),
+        kv.u32("general.file_type", int(MIXES[outtype].file_type)),
         kv.u32("general.quantization_version", GGML_QUANT_VERSION),
     ]
     n_params = sum(t.n_elements for t in tensors)
@@ -129,9 +142,13 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
     types = dict(Counter(t.type.name for t in tensors))
     if dry_run:
         _print_plan(source, adapter, tensors, outtype, output, out)
+        if missing:
+            print(f"note: {missing}; writing this file would fail", file=out)
         print("dry run: inputs checked, nothing written", file=out)
         return Summary(None, n_params, tensor_bytes, 0, time.monotonic() - start, types)
     assert output is not None
+    if missing:
+        raise ConvertError(missing)
     file_bytes = write_gguf(output, entries, tensors, _producer(source, adapter, n_threads),
                             force=force, progress=progress)
     summary = Summary(output, n_params, tensor_bytes, file_bytes, time.monotonic() - start, types)

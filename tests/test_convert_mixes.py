@@ -165,8 +165,8 @@ def test_llama_70b_gets_q5_k_attn_v() -> None:
 
 
 def test_rows_not_whole_32_blocks_stay_f16() -> None:
-    """dim 80: neither the K-quant nor its fallback fits; llama.cpp writes F16 (and so do we for
-    the 32-block types and the Q8_0 output, where llama.cpp has no fallback and stops)."""
+    """dim 80: neither a K-quant nor its 32-block fallback fits, nor a 32-block type itself (the
+    Q8_0 output included): llama.cpp (ggml 0c1e570) writes F16 for all of them."""
     odd = config(2, 80, 256, 4, 4, 20)
     for outtype in ("q4_k_m", "q2_k", "q4_0", "q8_0", "iq4_nl"):
         for name, t in planned(odd, outtype).items():

@@ -7,6 +7,10 @@
 
 namespace alpaca {
 
+// The helpers below with loops are `static inline`: every file, each ISA's kernels included,
+// gets its own copy compiled with its own flags. (Plain `inline` would let the linker keep one
+// copy for all, possibly the one auto-vectorised with AVX2 in kernels_avx2.cpp.)
+
 // Values of enum ggml_type that this engine supports. Everything else the code needs to know
 // about a type is in its row of the traits table (type_traits, below).
 enum class GgmlType : int32_t {
@@ -44,7 +48,7 @@ static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match GGML");
 
 // The sum of each block's 32 ints for nb Q8_0 blocks: with it, a Q4_0 dot product
 // d_w * d_a * sum((q - 8) * a) becomes d_w * d_a * (sum(q * a) - 8 * sum(a)) (see gemm).
-inline void q8_0_block_sums(const block_q8_0* blocks, int64_t nb, int32_t* sums) {
+static inline void q8_0_block_sums(const block_q8_0* blocks, int64_t nb, int32_t* sums) {
   for (int64_t b = 0; b < nb; b++) {
     int32_t s = 0;
     for (int i = 0; i < QK; i++) s += blocks[b].qs[i];
@@ -147,7 +151,7 @@ struct block_q8_K {
 static_assert(sizeof(block_q8_K) == 292, "block_q8_K must match GGML");
 
 // Scale and min of sub-block j (0..7) of a Q4_K/Q5_K block: 6 bits each, packed in 12 bytes.
-inline void k4_scale_min(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
+static inline void k4_scale_min(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
   if (j < 4) {
     sc = q[j] & 63;
     m = q[j + 4] & 63;
@@ -158,7 +162,7 @@ inline void k4_scale_min(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
 }
 
 // The 16 signed scales (sc - 32) of a Q3_K block.
-inline void q3_k_scales(const uint8_t* s, int* out) {
+static inline void q3_k_scales(const uint8_t* s, int* out) {
   for (int j = 0; j < 16; j++) {
     const int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
     const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
@@ -202,7 +206,7 @@ inline size_t row_bytes(GgmlType t, int64_t n) {
 inline bool is_block_type(GgmlType t) { return type_traits(t).is_block; }
 
 // Portable IEEE half <-> float conversions (round to nearest even), used by the scalar path.
-inline float fp16_to_fp32(fp16_t h) {
+static inline float fp16_to_fp32(fp16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16;
   uint32_t exp = (h >> 10) & 0x1f;
   uint32_t mant = h & 0x3ff;
@@ -226,7 +230,7 @@ inline float fp16_to_fp32(fp16_t h) {
   return f;
 }
 
-inline fp16_t fp32_to_fp16(float f) {
+static inline fp16_t fp32_to_fp16(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
   const uint32_t sign = (x >> 16) & 0x8000;

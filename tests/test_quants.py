@@ -138,3 +138,13 @@ def test_fp32_to_fp16_rounds_to_nearest_even(isa: str) -> None:
     with np.errstate(over="ignore"):  # 1e6 -> inf is the expected result, not an accident
         expected = x.astype(np.float16).view(np.uint8)
     assert np.array_equal(ours, expected)
+
+
+def test_q8_k_quantizer_rounds_ties_like_the_reference(isa: str) -> None:
+    """Integer rows with the largest magnitude 126 or 127: iscale * x lands exactly on halves
+    (63 * 127 / 126 = 63.5), where a fused multiply-add in place of the reference's rounded
+    product followed by the rounding add picks the other integer."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-127, 128, (16, 2816)).astype(np.float32)
+    assert np.array_equal(_core.quantize(x, ggml_types.Q8_K, 1, isa),
+                          q.quantize(x, ggml_types.Q8_K))

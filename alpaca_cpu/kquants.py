@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .quants import _blocks
+
 QK_K = 256
 f32 = np.float32
 GROUP_MAX_EPS = f32(1e-15)  # below this a group's largest magnitude counts as zero
@@ -23,13 +25,6 @@ def round_int(v: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         t = (np.asarray(v, f32) + f32(12582912.0)).astype(f32)
     return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
-
-
-def _superblocks(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % QK_K:
-        raise ValueError(f"expected (rows, cols) with cols a multiple of {QK_K}, got {x.shape}")
-    return x.reshape(-1, QK_K)
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -118,30 +113,33 @@ def _fit_scale_min(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, r
     return scale.astype(f32), (-m).astype(f32), L.astype(np.int32)
 
 
+def _sym_levels(x: np.ndarray, w: np.ndarray, iscale: np.ndarray,
+                nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levels clamp(round(iscale * x), -nmax, nmax - 1) per row and their weighted sums
+    sum w x L, sum w L^2, in element order (the native sym_levels)."""
+    lv = np.clip(round_int(iscale[:, None] * x), -nmax, nmax - 1)
+    sumlx = np.zeros(len(x), f32)
+    suml2 = np.zeros(len(x), f32)
+    for i in range(x.shape[1]):
+        li = lv[:, i].astype(f32)
+        sumlx = sumlx + w[:, i] * x[:, i] * li
+        suml2 = suml2 + w[:, i] * li * li
+    return lv, sumlx, suml2
+
+
 def _fit_scale_sym(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Q6_K: x ~ scale * (L - nmax), weights x^2, 19 candidate scales; returns scale, L."""
-    n = x.shape[1]
     amax, mx = _argmax_abs(x)
     zero = amax < GROUP_MAX_EPS
     w = x * x
 
-    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lv = np.clip(round_int(iscale[:, None] * x), -nmax, nmax - 1)
-        sumlx = np.zeros(len(x), f32)
-        suml2 = np.zeros(len(x), f32)
-        for i in range(n):
-            li = lv[:, i].astype(f32)
-            sumlx = sumlx + w[:, i] * x[:, i] * li
-            suml2 = suml2 + w[:, i] * li * li
-        return lv, sumlx, suml2
-
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lv, sumlx, suml2 = fit(f32(-nmax) / mx)
+        lv, sumlx, suml2 = _sym_levels(x, w, f32(-nmax) / mx, nmax)
         L = lv + nmax
         scale = np.where(suml2 != 0, sumlx / suml2, f32(0))
         best = scale * sumlx
         for step in (*range(-9, 0), *range(1, 10)):
-            lv, sumlx, suml2 = fit(-(f32(nmax) + f32(0.1) * f32(step)) / mx)
+            lv, sumlx, suml2 = _sym_levels(x, w, -(f32(nmax) + f32(0.1) * f32(step)) / mx, nmax)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             L = np.where(better[:, None], lv + nmax, L)
             scale = np.where(better, sumlx / suml2, scale)
@@ -158,13 +156,7 @@ def _fit_scale_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     zero = amax < GROUP_MAX_EPS
     w = x * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        L = np.clip(round_int((f32(-nmax) / mx)[:, None] * x), -nmax, nmax - 1)
-        sumlx = np.zeros(len(x), f32)
-        suml2 = np.zeros(len(x), f32)
-        for i in range(n):
-            li = L[:, i].astype(f32)
-            sumlx = sumlx + w[:, i] * x[:, i] * li
-            suml2 = suml2 + w[:, i] * li * li
+        L, sumlx, suml2 = _sym_levels(x, w, f32(-nmax) / mx, nmax)
         for _ in range(5):
             for i in range(n):
                 li = L[:, i].astype(f32)
@@ -234,7 +226,7 @@ def _q3_scales(s: np.ndarray) -> np.ndarray:
 
 def _quantize_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     """Q4_K / Q5_K levels: (blocks, 256) levels, 12 scale bytes, d and dmin (fp16 bytes)."""
-    b = _superblocks(x)
+    b = _blocks(x, QK_K)
     g = b.reshape(-1, 32)
     sum_x2 = np.zeros(len(g), f32)
     for i in range(32):
@@ -273,7 +265,7 @@ def from_float_q5_k(x: np.ndarray) -> np.ndarray:
 
 
 def from_float_q6_k(x: np.ndarray) -> np.ndarray:
-    b = _superblocks(x)
+    b = _blocks(x, QK_K)
     scales, L = _fit_scale_sym(b.reshape(-1, 16), 32)
     scales, L = scales.reshape(-1, 16), L.reshape(-1, 16, 16)
     _, max_scale = _argmax_abs(scales)
@@ -295,7 +287,7 @@ def from_float_q6_k(x: np.ndarray) -> np.ndarray:
 
 
 def from_float_q2_k(x: np.ndarray) -> np.ndarray:
-    b = _superblocks(x)
+    b = _blocks(x, QK_K)
     g = b.reshape(-1, 16)
     scales, mins, L = _fit_scale_min(g, np.abs(g), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
@@ -316,7 +308,7 @@ def from_float_q2_k(x: np.ndarray) -> np.ndarray:
 
 
 def from_float_q3_k(x: np.ndarray) -> np.ndarray:
-    b = _superblocks(x)
+    b = _blocks(x, QK_K)
     scales, L = _fit_scale_q3(b.reshape(-1, 16), 4)
     scales = scales.reshape(-1, 16)
     _, max_scale = _argmax_abs(scales)

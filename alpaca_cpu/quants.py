@@ -34,11 +34,12 @@ def _roundf(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
 
 
-def _blocks(x: np.ndarray) -> np.ndarray:
+def _blocks(x: np.ndarray, size: int = QK) -> np.ndarray:
+    """(rows, cols) float32 as (blocks, size), cols a multiple of size."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % QK:
-        raise ValueError(f"expected (rows, cols) with cols a multiple of {QK}, got {x.shape}")
-    return x.reshape(-1, QK)
+    if x.ndim != 2 or x.shape[1] % size:
+        raise ValueError(f"expected (rows, cols) with cols a multiple of {size}, got {x.shape}")
+    return x.reshape(-1, size)
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -182,8 +183,8 @@ QK_K = 256
 def from_float_q8_k(x: np.ndarray) -> np.ndarray:
     """Q8_K: float32 d = max / -127 (signed max), q = nearest(x * -127 / max) capped at 127,
     bsums of each 16; an all-zero block is all zero bytes."""
-    from .kquants import _argmax_abs, _superblocks, round_int
-    b = _superblocks(x)
+    from .kquants import _argmax_abs, round_int
+    b = _blocks(x, QK_K)
     amax, mx = _argmax_abs(b)
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = np.float32(-127) / mx

@@ -103,42 +103,58 @@ float fit_scale_min(int n, int nmax, const float* x, const float* weights, uint8
   return scale;
 }
 
-// Symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2: the scale -nmax / max
-// and 18 neighbours -(nmax + 0.1 is) / max, keeping the best least-squares one (Q6_K).
-float fit_scale_sym(int n, int nmax, const float* x, int8_t* L) {
-  float max = 0, amax = 0;
+// The signed value of largest magnitude in x (the first one on a tie); false when that
+// magnitude is below kGroupMaxEps (an all-zero group).
+bool largest_signed(int n, const float* x, float& max) {
+  float amax = 0;
+  max = 0;
   for (int i = 0; i < n; ++i) {
     const float ax = std::fabs(x[i]);
     if (ax > amax) { amax = ax; max = x[i]; }
   }
-  if (amax < kGroupMaxEps) {
-    for (int i = 0; i < n; ++i) L[i] = 0;
-    return 0.0f;
-  }
-  auto level = [nmax](float v) { return std::max(-nmax, std::min(nmax - 1, round_int(v))); };
-  float iscale = -nmax / max;
-  float sumlx = 0, suml2 = 0;
+  return !(amax < kGroupMaxEps);
+}
+
+// Levels L = clamp(round(iscale * x), -nmax, nmax - 1) and their x^2-weighted sums
+// sumlx = sum w x L and suml2 = sum w L^2, in element order.
+void sym_levels(int n, int nmax, const float* x, float iscale, int8_t* L, float& sumlx,
+                float& suml2) {
+  sumlx = suml2 = 0;
   for (int i = 0; i < n; ++i) {
-    const int l = level(iscale * x[i]);
-    L[i] = int8_t(l + nmax);
+    const int l = std::max(-nmax, std::min(nmax - 1, round_int(iscale * x[i])));
+    L[i] = int8_t(l);
     const float w = x[i] * x[i];
     sumlx += w * x[i] * l;
     suml2 += w * l * l;
   }
+}
+
+// The start of both symmetric fits: levels for the scale -nmax / max and their sums; false
+// (levels 0) for an all-zero group.
+bool start_sym_fit(int n, int nmax, const float* x, int8_t* L, float& max, float& sumlx,
+                   float& suml2) {
+  if (!largest_signed(n, x, max)) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return false;
+  }
+  sym_levels(n, nmax, x, -nmax / max, L, sumlx, suml2);
+  return true;
+}
+
+// Symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2: the scale -nmax / max
+// and 18 neighbours -(nmax + 0.1 is) / max, keeping the best least-squares one (Q6_K).
+float fit_scale_sym(int n, int nmax, const float* x, int8_t* L) {
+  float max, sumlx, suml2;
+  if (!start_sym_fit(n, nmax, x, L, max, sumlx, suml2)) return 0.0f;
+  for (int i = 0; i < n; ++i) L[i] = int8_t(L[i] + nmax);
   float scale = suml2 ? sumlx / suml2 : 0.0f;
   float best = scale * sumlx;
+  int8_t Laux[32];
   for (int is = -9; is <= 9; ++is) {
     if (is == 0) continue;
-    iscale = -(nmax + 0.1f * is) / max;
-    sumlx = suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-      const int l = level(iscale * x[i]);
-      const float w = x[i] * x[i];
-      sumlx += w * x[i] * l;
-      suml2 += w * l * l;
-    }
+    sym_levels(n, nmax, x, -(nmax + 0.1f * is) / max, Laux, sumlx, suml2);
     if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-      for (int i = 0; i < n; ++i) L[i] = int8_t(nmax + level(iscale * x[i]));
+      for (int i = 0; i < n; ++i) L[i] = int8_t(Laux[i] + nmax);
       scale = sumlx / suml2;
       best = scale * sumlx;
     }
@@ -149,24 +165,8 @@ float fit_scale_sym(int n, int nmax, const float* x, int8_t* L) {
 // Symmetric fit for Q3_K: levels from -nmax / max, then up to 5 passes that move single
 // levels while the weighted (x^2) least-squares fit improves. L in [0, 2 nmax) on return.
 float fit_scale_q3(int n, int nmax, const float* x, int8_t* L) {
-  float max = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) { amax = ax; max = x[i]; }
-  }
-  if (amax < kGroupMaxEps) {
-    for (int i = 0; i < n; ++i) L[i] = 0;
-    return 0.0f;
-  }
-  const float iscale = -nmax / max;
-  float sumlx = 0, suml2 = 0;
-  for (int i = 0; i < n; ++i) {
-    const int l = std::max(-nmax, std::min(nmax - 1, round_int(iscale * x[i])));
-    L[i] = int8_t(l);
-    const float w = x[i] * x[i];
-    sumlx += w * x[i] * l;
-    suml2 += w * l * l;
-  }
+  float max, sumlx, suml2;
+  if (!start_sym_fit(n, nmax, x, L, max, sumlx, suml2)) return 0.0f;
   for (int pass = 0; pass < 5; ++pass) {
     int changed = 0;
     for (int i = 0; i < n; ++i) {
@@ -194,6 +194,20 @@ float fit_scale_q3(int n, int nmax, const float* x, int8_t* L) {
   return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
+// Fits each of the 16 sub-blocks of 16 of a super-block (Q3_K, Q6_K) and returns the signed
+// scale of largest magnitude (the first on a tie); amax: that magnitude.
+template <float (*Fit)(int, int, const float*, int8_t*)>
+float fit_subblocks(const float* x, int nmax, int8_t* L, float* scales, float& amax) {
+  float max_scale = 0;
+  amax = 0;
+  for (int j = 0; j < 16; ++j) {
+    scales[j] = Fit(16, nmax, x + 16 * j, L + 16 * j);
+    const float a = std::fabs(scales[j]);
+    if (a > amax) { amax = a; max_scale = scales[j]; }
+  }
+  return max_scale;
+}
+
 // Index of the IQ4_NL level nearest to v (the lower one on a tie).
 int nearest_iq4nl(float v) {
   if (v <= kIq4nlValues[0]) return 0;
@@ -204,6 +218,15 @@ int nearest_iq4nl(float v) {
     if (v < kIq4nlValues[mid]) hi = mid; else lo = mid;
   }
   return v - kIq4nlValues[hi - 1] < kIq4nlValues[hi] - v ? hi - 1 : hi;
+}
+
+// Pack 32 5-bit levels as Q5_0/Q5_1: low 4 bits like Q4_0 (weight j low nibble of qs[j % 16],
+// j >= 16 high), bit 4 of weight j as bit j of the little-endian uint32 qh.
+void pack_5bit(const uint8_t* q, uint8_t* qs, uint8_t* qh) {
+  uint32_t h = 0;
+  for (int j = 0; j < QK / 2; ++j) qs[j] = uint8_t((q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4));
+  for (int j = 0; j < QK; ++j) h |= uint32_t((q[j] >> 4) & 1) << j;
+  std::memcpy(qh, &h, 4);
 }
 
 // Pack 256 2-bit levels as Q2_K/Q3_K qs: byte 32h + l holds levels 128h + 32s + l at bits 2s.
@@ -283,15 +306,9 @@ void quantize_row_q5_0(const float* x, block_q5_0* y, int64_t k) {
     const float d = max / -16;
     const float id = d ? 1.0f / d : 0.0f;
     y[b].d = fp32_to_fp16(d);
-    uint32_t qh = 0;
-    for (int j = 0; j < QK / 2; ++j) {
-      const uint8_t q0 = uint8_t(std::min(31, int(int8_t(x[j] * id + 16.5f))));
-      const uint8_t q1 = uint8_t(std::min(31, int(int8_t(x[j + QK / 2] * id + 16.5f))));
-      y[b].qs[j] = uint8_t((q0 & 0x0F) | ((q1 & 0x0F) << 4));
-      qh |= uint32_t((q0 & 0x10u) >> 4) << j;
-      qh |= uint32_t((q1 & 0x10u) >> 4) << (j + QK / 2);
-    }
-    std::memcpy(y[b].qh, &qh, 4);
+    uint8_t q[QK];
+    for (int j = 0; j < QK; ++j) q[j] = uint8_t(std::min(31, int(int8_t(x[j] * id + 16.5f))));
+    pack_5bit(q, y[b].qs, y[b].qh);
   }
 }
 
@@ -306,15 +323,9 @@ void quantize_row_q5_1(const float* x, block_q5_1* y, int64_t k) {
     const float id = d ? 1.0f / d : 0.0f;
     y[b].d = fp32_to_fp16(d);
     y[b].m = fp32_to_fp16(min);
-    uint32_t qh = 0;
-    for (int j = 0; j < QK / 2; ++j) {
-      const uint8_t q0 = uint8_t((x[j] - min) * id + 0.5f);
-      const uint8_t q1 = uint8_t((x[j + QK / 2] - min) * id + 0.5f);
-      y[b].qs[j] = uint8_t((q0 & 0x0F) | ((q1 & 0x0F) << 4));
-      qh |= uint32_t((q0 & 0x10u) >> 4) << j;
-      qh |= uint32_t((q1 & 0x10u) >> 4) << (j + QK / 2);
-    }
-    std::memcpy(y[b].qh, &qh, 4);
+    uint8_t q[QK];
+    for (int j = 0; j < QK; ++j) q[j] = uint8_t((x[j] - min) * id + 0.5f);
+    pack_5bit(q, y[b].qs, y[b].qh);
   }
 }
 
@@ -393,13 +404,8 @@ void quantize_row_q2_K(const float* x, block_q2_K* y, int64_t k) {
 void quantize_row_q3_K(const float* x, block_q3_K* y, int64_t k) {
   for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
     int8_t L[QK_K];
-    float scales[16];
-    float max_scale = 0, amax = 0;
-    for (int j = 0; j < 16; ++j) {
-      scales[j] = fit_scale_q3(16, 4, x + 16 * j, L + 16 * j);
-      const float scale = std::fabs(scales[j]);
-      if (scale > amax) { amax = scale; max_scale = scales[j]; }
-    }
+    float scales[16], amax;
+    const float max_scale = fit_subblocks<fit_scale_q3>(x, 4, L, scales, amax);
     block_q3_K& o = y[b];
     std::memset(o.scales, 0, 12);
     if (max_scale) {
@@ -464,13 +470,8 @@ void quantize_row_q5_K(const float* x, block_q5_K* y, int64_t k) {
 void quantize_row_q6_K(const float* x, block_q6_K* y, int64_t k) {
   for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
     int8_t L[QK_K];
-    float scales[16];
-    float max_scale = 0, max_abs_scale = 0;
-    for (int j = 0; j < 16; ++j) {
-      scales[j] = fit_scale_sym(16, 32, x + 16 * j, L + 16 * j);
-      const float abs_scale = std::fabs(scales[j]);
-      if (abs_scale > max_abs_scale) { max_abs_scale = abs_scale; max_scale = scales[j]; }
-    }
+    float scales[16], max_abs_scale;
+    const float max_scale = fit_subblocks<fit_scale_sym>(x, 32, L, scales, max_abs_scale);
     block_q6_K& o = y[b];
     if (max_abs_scale < kGroupMaxEps) {
       std::memset(&o, 0, sizeof(o));

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import quants
+from . import kquants, quants
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TypeTraits:
     block_size: int        # elements per block (1 for F32/F16)
     type_size: int         # bytes per block
     is_block: bool         # quantized in blocks: rows must be whole blocks
-    is_weight: bool        # may be a weight matrix (Q8_1 is an activation format only)
+    is_weight: bool        # may be a weight matrix (Q8_1, Q8_K: activation formats only)
     vec_dot_type: int      # the activation format a weight row of this type multiplies with
     # numpy twins: (rows, cols) float32 -> (rows, row_bytes) uint8, and (blocks, type_size)
     # uint8 -> (blocks, block_size) float32
@@ -41,7 +41,9 @@ class TypeTraits:
             return None
 
 
-F32, F16, Q4_0, Q4_1, Q8_0, Q8_1 = 0, 1, 2, 3, 8, 9
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 = 0, 1, 2, 3, 6, 7, 8, 9
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_NL = 10, 11, 12, 13, 14, 15, 20
+QK_K = 256  # weights per super-block of the K-quants and Q8_K
 
 TYPES: dict[int, TypeTraits] = {t.id: t for t in (
     TypeTraits(F32, "F32", 1, 4, False, True, F32, quants.from_float_f32, quants.to_float_f32),
@@ -50,10 +52,28 @@ TYPES: dict[int, TypeTraits] = {t.id: t for t in (
                quants.to_float_q4_0),
     TypeTraits(Q4_1, "Q4_1", 32, 20, True, True, Q8_1, quants.from_float_q4_1,
                quants.to_float_q4_1),
+    TypeTraits(Q5_0, "Q5_0", 32, 22, True, True, Q8_0, quants.from_float_q5_0,
+               quants.to_float_q5_0),
+    TypeTraits(Q5_1, "Q5_1", 32, 24, True, True, Q8_1, quants.from_float_q5_1,
+               quants.to_float_q5_1),
     TypeTraits(Q8_0, "Q8_0", 32, 34, True, True, Q8_0, quants.from_float_q8_0,
                quants.to_float_q8),
     TypeTraits(Q8_1, "Q8_1", 32, 36, True, False, Q8_1, quants.from_float_q8_1,
                quants.to_float_q8),
+    TypeTraits(Q2_K, "Q2_K", QK_K, 84, True, True, Q8_K, kquants.from_float_q2_k,
+               kquants.to_float_q2_k),
+    TypeTraits(Q3_K, "Q3_K", QK_K, 110, True, True, Q8_K, kquants.from_float_q3_k,
+               kquants.to_float_q3_k),
+    TypeTraits(Q4_K, "Q4_K", QK_K, 144, True, True, Q8_K, kquants.from_float_q4_k,
+               kquants.to_float_q4_k),
+    TypeTraits(Q5_K, "Q5_K", QK_K, 176, True, True, Q8_K, kquants.from_float_q5_k,
+               kquants.to_float_q5_k),
+    TypeTraits(Q6_K, "Q6_K", QK_K, 210, True, True, Q8_K, kquants.from_float_q6_k,
+               kquants.to_float_q6_k),
+    TypeTraits(Q8_K, "Q8_K", QK_K, 292, True, False, Q8_K, quants.from_float_q8_k,
+               quants.to_float_q8_k),
+    TypeTraits(IQ4_NL, "IQ4_NL", 32, 18, True, True, Q8_0, quants.from_float_iq4_nl,
+               quants.to_float_iq4_nl),
 )}
 
 # The types a model file's tensors may have.

@@ -34,11 +34,12 @@ def _roundf(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
 
 
-def _blocks(x: np.ndarray) -> np.ndarray:
+def _blocks(x: np.ndarray, size: int = QK) -> np.ndarray:
+    """(rows, cols) float32 as (blocks, size), cols a multiple of size."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % QK:
-        raise ValueError(f"expected (rows, cols) with cols a multiple of {QK}, got {x.shape}")
-    return x.reshape(-1, QK)
+    if x.ndim != 2 or x.shape[1] % size:
+        raise ValueError(f"expected (rows, cols) with cols a multiple of {size}, got {x.shape}")
+    return x.reshape(-1, size)
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -110,6 +111,94 @@ def from_float_q8_1(x: np.ndarray) -> np.ndarray:
     return _from_float_q8(x, with_sum=True)
 
 
+def _qh_bits(q: np.ndarray) -> np.ndarray:
+    """(n, 32) 5-bit values -> (n, 4) bytes: bit j of the little-endian uint32 is bit 4 of q[j]."""
+    bits = ((q.astype(np.uint32) >> 4) & 1) << np.arange(QK, dtype=np.uint32)
+    return bits.sum(axis=1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def from_float_q5_0(x: np.ndarray) -> np.ndarray:
+    b = _blocks(x)
+    idx = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(len(b)), idx][:, None]
+    d = (mx / np.float32(-16)).astype(np.float32)
+    # C casts (x*id + 16.5) to int8 (truncation), then clamps at 31
+    q = np.minimum(np.trunc(b * _inverse(d) + np.float32(16.5)), 31).astype(np.uint8)
+    out = np.concatenate([d.astype(np.float16).view(np.uint8), _qh_bits(q),
+                          _pack_nibbles(q & 0x0F)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
+def from_float_q5_1(x: np.ndarray) -> np.ndarray:
+    b = _blocks(x)
+    mn = b.min(axis=1, keepdims=True)
+    d = ((b.max(axis=1, keepdims=True) - mn) / np.float32(31)).astype(np.float32)
+    q = np.trunc((b - mn) * _inverse(d) + np.float32(0.5)).astype(np.uint8)
+    out = np.concatenate([d.astype(np.float16).view(np.uint8), mn.astype(np.float16).view(np.uint8),
+                          _qh_bits(q), _pack_nibbles(q & 0x0F)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
+                         1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _nearest_iq4nl(v: np.ndarray) -> np.ndarray:
+    """Index of the nearest IQ4_NL level (the lower one on a tie), as the native binary search."""
+    vals = IQ4NL_VALUES.astype(np.float32)
+    hi = np.clip(np.searchsorted(vals, v, side="right"), 1, 15)  # first level above v
+    lower = (v - vals[hi - 1]) < (vals[hi] - v)
+    idx = np.where(lower, hi - 1, hi)
+    return np.where(v <= vals[0], 0, np.where(v >= vals[15], 15, idx))
+
+
+def from_float_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """GGML's reference IQ4_NL quantizer: scale max / -127, nearest levels, then the
+    x^2-weighted least-squares scale for them (float32, summed in element order)."""
+    b = _blocks(x)
+    idx = np.abs(b).argmax(axis=1)
+    amax, mx = np.abs(b)[np.arange(len(b)), idx], b[np.arange(len(b)), idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.float32(1) / (mx / np.float32(-127))
+        L = _nearest_iq4nl(inv[:, None] * b)
+        q = IQ4NL_VALUES[L].astype(np.float32)
+        sumqx = np.zeros(len(b), np.float32)
+        sumq2 = np.zeros(len(b), np.float32)
+        for j in range(QK):
+            w = b[:, j] * b[:, j]
+            sumqx = sumqx + w * q[:, j] * b[:, j]
+            sumq2 = sumq2 + w * q[:, j] * q[:, j]
+        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0))
+    live = amax >= np.float32(1e-15)
+    d = np.where(live, d, np.float32(0)).astype(np.float32)
+    L = np.where(live[:, None], L, 0)
+    out = np.concatenate([d.astype(np.float16).reshape(-1, 1).view(np.uint8), _pack_nibbles(L)],
+                         axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
+QK_K = 256
+
+
+def from_float_q8_k(x: np.ndarray) -> np.ndarray:
+    """Q8_K: float32 d = max / -127 (signed max), q = nearest(x * -127 / max) capped at 127,
+    bsums of each 16; an all-zero block is all zero bytes."""
+    from .kquants import _argmax_abs, round_int
+    b = _blocks(x, QK_K)
+    amax, mx = _argmax_abs(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.float32(-127) / mx
+        q = np.minimum(127, round_int(iscale[:, None] * b)).astype(np.int8)
+        d = (np.float32(1) / iscale).astype(np.float32)
+    zero = amax == 0
+    q[zero] = 0
+    d[zero] = 0
+    bsums = q.reshape(-1, 16, 16).astype(np.int32).sum(axis=2).astype("<i2")
+    out = np.concatenate([d.astype("<f4").reshape(-1, 1).view(np.uint8), q.view(np.uint8),
+                          bsums.view(np.uint8)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
 def _scale(b: np.ndarray, at: int) -> np.ndarray:
     """The fp16 field at byte `at` of every block, as (blocks, 1) float32."""
     return b[:, at:at + 2].copy().view(np.float16).astype(np.float32)
@@ -129,6 +218,30 @@ def to_float_q4_0(b: np.ndarray) -> np.ndarray:
 
 def to_float_q4_1(b: np.ndarray) -> np.ndarray:
     return _unpack_nibbles(b[:, 4:]).astype(np.float32) * _scale(b, 0) + _scale(b, 2)
+
+
+def _five_bits(b: np.ndarray, qh_at: int) -> np.ndarray:
+    """The 32 5-bit values of Q5_0/Q5_1 blocks: nibbles after qh, bit 4 from qh."""
+    qh = b[:, qh_at:qh_at + 4].copy().view("<u4")
+    high = (qh >> np.arange(QK, dtype=np.uint32)) & 1
+    return _unpack_nibbles(b[:, qh_at + 4:]).astype(np.int32) | (high.astype(np.int32) << 4)
+
+
+def to_float_q5_0(b: np.ndarray) -> np.ndarray:
+    return (_five_bits(b, 2) - 16).astype(np.float32) * _scale(b, 0)
+
+
+def to_float_q5_1(b: np.ndarray) -> np.ndarray:
+    return _five_bits(b, 4).astype(np.float32) * _scale(b, 0) + _scale(b, 2)
+
+
+def to_float_iq4_nl(b: np.ndarray) -> np.ndarray:
+    return _scale(b, 0) * IQ4NL_VALUES[_unpack_nibbles(b[:, 2:])].astype(np.float32)
+
+
+def to_float_q8_k(b: np.ndarray) -> np.ndarray:
+    d = b[:, :4].copy().view("<f4").astype(np.float32)
+    return d * b[:, 4:4 + QK_K].view(np.int8).astype(np.float32)
 
 
 def to_float_q8(b: np.ndarray) -> np.ndarray:
@@ -156,7 +269,8 @@ def dequantize(data: np.ndarray, qtype: int, cols: int) -> np.ndarray:
     rows = data.size // rb
     if data.size != rows * rb:
         raise ValueError(f"dequantize: {data.size} bytes is not a whole number of {cols}-wide rows")
-    y = t.to_float(data.reshape(-1, t.type_size))
+    with np.errstate(invalid="ignore", over="ignore"):  # a file's inf/NaN scales stay so
+        y = t.to_float(data.reshape(-1, t.type_size))
     return y.astype(np.float32).reshape(rows, cols)
 
 
@@ -165,30 +279,43 @@ def activation_type(weight_type: int) -> int:
     return _traits(weight_type).vec_dot_type
 
 
+def _block_ints(weight_type: int, b: np.ndarray) -> np.ndarray:
+    """The integer weights of 32-element blocks (n, type_size) as (n, 32) int64: what the
+    native dot products multiply with the activation's int8 (offsets applied)."""
+    if weight_type == T.Q8_0:
+        q = b[:, 2:].view(np.int8).astype(np.int64)
+    elif weight_type in (T.Q4_0, T.Q4_1):
+        at = 2 if weight_type == T.Q4_0 else 4
+        q = _unpack_nibbles(b[:, at:]).astype(np.int64) - (8 if weight_type == T.Q4_0 else 0)
+    elif weight_type in (T.Q5_0, T.Q5_1):
+        at = 2 if weight_type == T.Q5_0 else 4
+        q = _five_bits(b, at).astype(np.int64) - (16 if weight_type == T.Q5_0 else 0)
+    else:  # IQ4_NL
+        q = IQ4NL_VALUES[_unpack_nibbles(b[:, 2:])].astype(np.int64)
+    return q
+
+
 def gemm(weight_type: int, w: np.ndarray, act: np.ndarray, cols: int) -> np.ndarray:
     """numpy twin of the native GEMM: out[t, r] = dot(w row r, act row t), both already in
-    their pairing formats. Integer block sums are exact; the float combination is float64."""
-    if not _traits(weight_type).is_block:
-        return (dequantize(act, T.F32, cols).astype(np.float64)
+    their pairing formats. 32-element types: exact integer block sums, float64 combination.
+    Other types: float64 products of the dequantized rows (only the float32 dequantization
+    rounds)."""
+    t = _traits(weight_type)
+    at = activation_type(weight_type)
+    if t.block_size != QK:
+        return (dequantize(act, at, cols).astype(np.float64)
                 @ dequantize(w, weight_type, cols).astype(np.float64).T).astype(np.float32)
     nb = cols // QK
-    wb = w.reshape(w.shape[0], nb, _traits(weight_type).type_size)
-    ab = act.reshape(act.shape[0], nb, _traits(activation_type(weight_type)).type_size)
-    wd = wb[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)  # (rows, nb)
-    ad = ab[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)  # (tok, nb)
-    if weight_type == T.Q4_1:
-        wq = np.concatenate([wb[..., 4:] & 0x0F, wb[..., 4:] >> 4], axis=-1).astype(np.int64)
-        aq = ab[..., 4:].view(np.int8).astype(np.int64)
-        wm = wb[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-        a_s = ab[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-    elif weight_type == T.Q4_0:
-        wq = np.concatenate([wb[..., 2:] & 0x0F, wb[..., 2:] >> 4], axis=-1).astype(np.int64) - 8
-        aq = ab[..., 2:].view(np.int8).astype(np.int64)
-    else:
-        wq = wb[..., 2:].view(np.int8).astype(np.int64)
-        aq = ab[..., 2:].view(np.int8).astype(np.int64)
+    wb = w.reshape(-1, t.type_size)
+    ab = act.reshape(-1, _traits(at).type_size)
+    wq = _block_ints(weight_type, wb).reshape(w.shape[0], nb, QK)
+    aq = ab[:, ab.shape[1] - QK:].view(np.int8).astype(np.int64).reshape(act.shape[0], nb, QK)
+    wd = _scale(wb, 0).astype(np.float64).reshape(w.shape[0], nb)
+    ad = _scale(ab, 0).astype(np.float64).reshape(act.shape[0], nb)
     sumi = np.einsum("rbj,tbj->trb", wq, aq)  # exact integer block sums (tok, rows, nb)
     out = (sumi * wd[None, :, :] * ad[:, None, :]).sum(axis=-1)
-    if weight_type == T.Q4_1:
+    if at == T.Q8_1:  # + m_w * s_a per block
+        wm = _scale(wb, 2).astype(np.float64).reshape(w.shape[0], nb)
+        a_s = _scale(ab, 2).astype(np.float64).reshape(act.shape[0], nb)
         out += (wm[None, :, :] * a_s[:, None, :]).sum(axis=-1)
     return out.astype(np.float32)

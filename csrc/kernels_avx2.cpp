@@ -528,6 +528,119 @@ static void gemm_panel8(int64_t n, const void* w, size_t w_stride, int64_t n_row
               static_cast<const uint8_t*>(act), act_stride, act_sums, n_tok, out, out_stride);
 }
 
+// --- K-quants (Q4_K, Q6_K: the Q4_K_M mix) with Q8_K activations ---
+
+// Q8_K activations, byte for byte the reference quantizer (ggml_quants.cpp): the signed value
+// of largest magnitude (first one on a tie; NaN never wins), iscale = -127 / max, levels by
+// the same add-1.5*2^23 rounding, capped at 127 and wrapped to int8 as the scalar cast does.
+static void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+    __m256 vmax = _mm256_setzero_ps();
+    for (int j = 0; j < QK_K; j += 8)  // max(|x|, acc): a NaN |x| keeps acc, as x > amax does
+      vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask), vmax);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float amax = 0.0f;
+    for (float v : lanes) amax = v > amax ? v : amax;
+    if (!amax) {
+      std::memset(&y[b], 0, sizeof(block_q8_K));
+      continue;
+    }
+    int first = 0;
+    while (!(std::fabs(x[first]) == amax)) first++;
+    const float iscale = -127.f / x[first];
+    const __m256 vs = _mm256_set1_ps(iscale);
+    const __m256i mant = _mm256_set1_epi32(0x007fffff), bias = _mm256_set1_epi32(0x00400000);
+    const __m256i cap = _mm256_set1_epi32(127), low8 = _mm256_set1_epi32(0xff);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int j = 0; j < QK_K; j += 32) {
+      __m256i q[4];
+      for (int i = 0; i < 4; i++) {
+        __m256 p = _mm256_mul_ps(vs, _mm256_loadu_ps(x + j + 8 * i));
+        asm("" : "+x"(p));  // round the product first: no FMA with the add (-mfma contracts)
+        const __m256 t = _mm256_add_ps(p, magic);
+        __m256i v = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(t), mant), bias);
+        q[i] = _mm256_and_si256(_mm256_min_epi32(v, cap), low8);  // int8 cast = low 8 bits
+      }
+      // low bytes 0..255 pack without saturation; the packs interleave 128-bit lanes
+      const __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]),
+                                            _mm256_packus_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + j),
+                          _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (int j = 0; j < QK_K / 16; j++) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y[b].qs + 16 * j));
+      const __m256i w = _mm256_madd_epi16(_mm256_cvtepi8_epi16(v), _mm256_set1_epi16(1));
+      y[b].bsums[j] = int16_t(hsum_epi32(w));
+    }
+    y[b].d = 1 / iscale;
+  }
+}
+
+// Q4_K . Q8_K: per pair of sub-blocks one 32-byte load of nibbles; maddubs (q <= 15, |a| <=
+// 127: pairs fit int16) then madd with the sub-block's 6-bit scale. Same integer sums and the
+// same float combination as the portable dot_q4_K_q8_K.
+static float dot_q4_K_q8_K_avx2(int64_t n, const block_q4_K* w, const block_q8_K* a) {
+  const __m256i nib = _mm256_set1_epi8(0x0f);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < n / QK_K; b++) {
+    uint8_t sc[8], m[8];
+    for (int j = 0; j < 8; j++) k4_scale_min(j, w[b].scales, sc[j], m[j]);
+    int summ = 0;
+    for (int j = 0; j < 8; j++) summ += m[j] * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]);
+    __m256i acc = _mm256_setzero_si256();
+    for (int h = 0; h < 4; h++) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs + 32 * h));
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs + 64 * h));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs + 64 * h + 32));
+      const __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(q, nib), a0);
+      const __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), nib), a1);
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * h])));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * h + 1])));
+    }
+    const int sumi = hsum_epi32(acc);
+    sum += a[b].d * (fp16_to_fp32(w[b].d) * float(sumi) - fp16_to_fp32(w[b].dmin) * float(summ));
+  }
+  return sum;
+}
+
+// Q6_K . Q8_K: 32 weights (two sub-blocks of 16) per step, q in [0, 63] unsigned in maddubs
+// (pairs <= 2 * 63 * 127, fits int16), scales per 128-bit half; the -32 offset is taken out
+// with the activation's bsums: sum (q - 32) a = sum q a - 32 bsum.
+static float dot_q6_K_q8_K_avx2(int64_t n, const block_q6_K* w, const block_q8_K* a) {
+  const __m256i nib = _mm256_set1_epi8(0x0f), hi2 = _mm256_set1_epi8(0x30);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < n / QK_K; b++) {
+    const int8_t* sc = w[b].scales;
+    int offset = 0;
+    for (int j = 0; j < 16; j++) offset += sc[j] * a[b].bsums[j];
+    __m256i acc = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+      const uint8_t* ql = w[b].ql + 64 * h;
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qh + 32 * h));
+      const __m256i q[4] = {  // weights 128h + 32s + l, l = 0..31
+          _mm256_or_si256(_mm256_and_si256(l0, nib), _mm256_and_si256(_mm256_slli_epi16(qh, 4), hi2)),
+          _mm256_or_si256(_mm256_and_si256(l1, nib), _mm256_and_si256(_mm256_slli_epi16(qh, 2), hi2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), nib), _mm256_and_si256(qh, hi2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), nib),
+                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), hi2))};
+      for (int s = 0; s < 4; s++) {
+        const int j = 8 * h + 2 * s;  // sub-blocks j (low 128 bits) and j + 1 (high)
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs + 16 * j));
+        const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1]), _mm_set1_epi16(sc[j]));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q[s], av), scales));
+      }
+    }
+    const int sumi = hsum_epi32(acc) - 32 * offset;
+    sum += a[b].d * fp16_to_fp32(w[b].d) * float(sumi);
+  }
+  return sum;
+}
+
 static KernelTable make_table() {
   KernelTable t = *scalar_kernels();  // weight quantizers and dequantizers: scalar twin
   t.name = "avx2";
@@ -536,7 +649,10 @@ static KernelTable make_table() {
   types[int(GgmlType::Q8_1)].from_float = erased_from_float<block_q8_1, quantize_row_q8_1>;
   types[int(GgmlType::F16)].to_float = erased_to_float<fp16_t, fp16_to_fp32_row>;
   types[int(GgmlType::F16)].from_float = erased_from_float<fp16_t, fp32_to_fp16_row>;
+  types[int(GgmlType::Q8_K)].from_float = erased_from_float<block_q8_K, quantize_row_q8_K>;
   set_portable_kernels(t);  // then the tile kernels replace gemm_rows
+  set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_avx2>(t, GgmlType::Q4_K);
+  set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_avx2>(t, GgmlType::Q6_K);
   types[int(GgmlType::Q4_0)].gemm =
       gemm_panel8<panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>, panel_q4<4, false>>;
   types[int(GgmlType::Q4_0)].uses_act_sums = true;

@@ -16,8 +16,9 @@ from alpaca_cpu import quants as q
 from alpaca_cpu.gguf_file import open_model_file
 
 # Ids the engine does not know: Q4_2 and Q4_3 (removed from GGML, never in a file we accept),
-# Q4_K (next issue), one past the native table's slots, and out of range both ways.
-UNKNOWN_IDS = [4, 5, 12, 40, -1, 1000]
+# IQ2_XXS, BF16 and TQ1_0 (not supported yet), one past the native table's slots, and out of
+# range both ways.
+UNKNOWN_IDS = [4, 5, 16, 30, 34, 40, -1, 1000]
 FIELDS = ["id", "name", "block_size", "type_size", "is_block", "is_weight", "vec_dot_type"]
 
 
@@ -43,10 +44,12 @@ def test_table_agrees_with_gguf() -> None:
 def test_every_type_round_trips_like_its_numpy_twins(type_id: int, isa: str) -> None:
     """quantize and dequantize of every row of the table, native (this ISA) vs numpy, bit for bit."""
     rng = np.random.default_rng(type_id)
-    x = rng.standard_normal((5, 96)).astype(np.float32)
+    cols = 3 * ggml_types.traits(type_id).block_size if type_id >= ggml_types.Q2_K else 96
+    x = rng.standard_normal((5, cols)).astype(np.float32)
     data = q.quantize(x, type_id)
     assert np.array_equal(_core.quantize(x, type_id, 1, isa), data)
-    assert np.array_equal(_core.dequantize(data, type_id, 96, isa), q.dequantize(data, type_id, 96))
+    assert np.array_equal(_core.dequantize(data, type_id, cols, isa),
+                          q.dequantize(data, type_id, cols))
 
 
 @pytest.mark.parametrize("type_id", UNKNOWN_IDS)
@@ -96,4 +99,15 @@ def test_native_model_refuses_an_activation_format_as_weight(tmp_path: Path) -> 
     data = np.zeros(rows * q.row_bytes(ggml_types.Q8_1, cols), np.uint8)
     tensors["blk.0.ffn_up.weight"] = (ggml_types.Q8_1, rows, cols, data)
     with pytest.raises(ValueError, match="blk.0.ffn_up.weight: type Q8_1 cannot be a weight"):
+        _core.Model(hparams, tensors, 16, 1)
+
+
+def test_native_model_refuses_a_kquant_row_that_is_not_whole_super_blocks(tmp_path: Path) -> None:
+    """ffn_down's rows are ffn_dim = 96 long: whole 32-blocks, not whole 256-blocks."""
+    hparams, tensors = _native_tensors(tmp_path)
+    _, rows, cols, data = tensors["blk.0.ffn_down.weight"]
+    assert cols % 256
+    tensors["blk.0.ffn_down.weight"] = (ggml_types.Q4_K, rows, cols, data)
+    with pytest.raises(ValueError, match="blk.0.ffn_down.weight: row length must be a multiple "
+                                         "of 256 for Q4_K"):
         _core.Model(hparams, tensors, 16, 1)

@@ -336,7 +336,8 @@ LIES: list[tuple[str, tuple[str, str, str, int], str, Any, list[str]]] = [
     ("type with a bigger block", ("tensor", "blk.0.attn_q.weight", "type", 0), "<I", int(T.Q4_K),
      ["row length (dimension 0)", "a multiple of 256, the Q4_K block size"]),
     ("unsupported type", ("tensor", "blk.0.attn_q.weight", "type", 0), "<I", int(T.I8),
-     ["tensor 'blk.0.attn_q.weight' has type I8, expected one of F16, F32, Q4_0, Q4_1, Q8_0"]),
+     [("tensor 'blk.0.attn_q.weight' has type I8, expected one of F16, F32, IQ4_NL, Q2_K, "
+       "Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0")]),
     ("tensor offset past EOF", ("tensor", "output.weight", "offset", 0), "<Q", 1 << 40,
      ["tensor 'output.weight' data", "data offset 1099511627776", "ends inside the file"]),
     ("tensor offset 2^64-32", ("tensor", "output.weight", "offset", 0), "<Q", (1 << 64) - 32,
@@ -566,3 +567,72 @@ def test_tensor_views_keep_the_mapping_alive(base: Base, tmp_path: Path) -> None
     assert isinstance(owner, mmap.mmap)  # a view into the mapping, not a copy
     assert not view.flags.writeable and view.dtype == np.uint8 and view.shape == (nbytes,)
     assert view.tobytes() == base.data[offset:offset + nbytes]
+
+
+# Types gguf lists that the engine does not support yet (block sizes 1, 256 and 256).
+UNSUPPORTED = [T.BF16, T.IQ2_XXS, T.TQ1_0]
+
+
+@pytest.mark.parametrize("qtype", UNSUPPORTED, ids=lambda t: t.name)
+def test_unsupported_type_is_refused_naming_tensor_type_and_list(tmp_path: Path,
+                                                                 qtype: T) -> None:
+    spec = TinySpec(dim=256, ffn_dim=256, tensor_types=(("attn_k", qtype),))
+    path = write_tiny_model(tmp_path / "m.gguf", spec)
+    with pytest.raises(ModelFileError) as e:
+        alpaca_cpu.Model(path, n_ctx=16)
+    assert (f"tensor 'blk.0.attn_k.weight' has type {qtype.name}, expected one of F16, F32, "
+            "IQ4_NL, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0") in str(e.value)
+
+
+def _with_bad_scales(data: np.ndarray, qtype: T, block_bytes: int, at: int) -> np.ndarray:
+    """Copy of GGML rows with the fp16 field at byte `at` of some blocks NaN, +inf or -inf."""
+    data = data.copy()
+    blocks = data.reshape(-1, block_bytes)
+    for i, v in zip(range(0, len(blocks), 3), [np.nan, np.inf, -np.inf] * len(blocks)):
+        blocks[i, at:at + 2] = np.array([v], np.float16).view(np.uint8)
+    return data
+
+
+# Each K-quant's super-block scale fields (byte offsets of d, dmin).
+KQ_SCALE_FIELDS = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
+                   T.Q6_K: [208]}
+
+
+@pytest.mark.parametrize("qtype", sorted(KQ_SCALE_FIELDS), ids=lambda t: t.name)
+def test_non_finite_kquant_scales_compute_without_crash(qtype: T) -> None:
+    """NaN and infinite super-block scales are only numbers to the kernels: they propagate
+    into the rows they touch (as in the numpy twin), every other row is unchanged, nothing
+    reads out of bounds (the scales never index anything)."""
+    from alpaca_cpu import _core
+    from alpaca_cpu import quants as q
+    rng = np.random.default_rng(int(qtype))
+    rows, cols = 6, 512
+    w = q.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    act = q.quantize(rng.standard_normal((2, cols)).astype(np.float32), 15)  # Q8_K
+    block_bytes = q.row_bytes(qtype, 256)
+    for at in KQ_SCALE_FIELDS[qtype]:
+        bad = _with_bad_scales(w, qtype, block_bytes, at)
+        touched = (bad != w).reshape(rows, -1).any(axis=1)
+        expected = q.dequantize(bad, qtype, cols)
+        for isa in alpaca_cpu.available_isas():
+            assert np.array_equal(_core.dequantize(bad, int(qtype), cols, isa), expected,
+                                  equal_nan=True)
+            got = _core.gemm(int(qtype), bad, act, cols, isa)
+            clean = _core.gemm(int(qtype), w, act, cols, isa)
+            assert not np.isfinite(got[:, touched]).any()
+            assert np.array_equal(got[:, ~touched], clean[:, ~touched])
+
+
+def test_non_finite_kquant_scales_in_a_model_run(tmp_path: Path) -> None:
+    """A Q4_K file whose attn_q super-block scales are NaN/inf: the forward pass runs and
+    returns (non-finite) logits instead of crashing."""
+    spec = TinySpec(wtype=T.Q4_K, dim=256, ffn_dim=256)
+    path = write_tiny_model(tmp_path / "m.gguf", spec)
+    raw = bytearray(path.read_bytes())
+    t = next(t for t in GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
+    start = int(t.data_offset)
+    for i, v in enumerate([np.nan, np.inf, -np.inf]):
+        raw[start + 144 * i:start + 144 * i + 2] = np.array([v], np.float16).tobytes()
+    path.write_bytes(bytes(raw))
+    logits = alpaca_cpu.Model(path, n_ctx=16).forward([1, 2, 3], all_logits=True)
+    assert logits.shape == (3, spec.n_vocab)

@@ -22,9 +22,21 @@ ELEMENTWISE_RTOL = 1e-5
 # as a normal number (a score ~87 below the row's max: exp underflows to a denormal or 0).
 SOFTMAX_UNDERFLOW_ATOL = float(np.finfo(np.float32).tiny)
 
-WEIGHT_TYPES = sorted(ggml_types.WEIGHT_TYPES)
+# The types with a tile kernel or an exact numpy twin of their dot product, and the others
+# (compared with float64 products of the dequantized rows).
+EXACT_TWIN_TYPES = [T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
+K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+assert sorted(EXACT_TWIN_TYPES + K_TYPES) == sorted(ggml_types.WEIGHT_TYPES)
 # (rows, n_tok, cols): rows not a multiple of 8, one row, K = 32 and K = 11008.
 SHAPES = [(1, 1, 32), (7, 3, 32), (13, 5, 96), (9, 2, 11008), (24, 17, 576)]
+# K-quants: one super-block, and the LLaMA row lengths 2816, 11008 and 14336 (a few rows each).
+SHAPES_K = [(1, 1, 256), (7, 3, 256), (3, 2, 2816), (2, 2, 11008), (2, 1, 14336), (17, 5, 512)]
+# K-quant results are compared relative to sum |w| |a| (the dequantized rows' magnitudes), not
+# to the result, which cancels. The integer sub-block sums are exact on every side; what differs
+# is float32 rounding: the numpy twin's dequantized weights (d * sc, then * q: 2 roundings,
+# 1.2e-7 relative), the native combination of a super-block's sums (a few roundings) and the
+# float32 accumulation over up to 56 super-blocks (56 * 6e-8). 1e-6 bounds all of it by 2x.
+KQ_GEMM_RTOL = 1e-6
 
 
 def _operands(wtype: T, rows: int, n_tok: int, cols: int, seed: int):
@@ -36,7 +48,7 @@ def _operands(wtype: T, rows: int, n_tok: int, cols: int, seed: int):
     return w, act
 
 
-@pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", EXACT_TWIN_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gemm_matches_numpy_twin_and_scalar(wtype: T, shape: tuple[int, int, int], isa: str) -> None:
     rows, n_tok, cols = shape
@@ -48,6 +60,53 @@ def test_gemm_matches_numpy_twin_and_scalar(wtype: T, shape: tuple[int, int, int
     assert got.shape == (n_tok, rows)
     assert np.abs(got - expected).max() <= GEMM_RTOL * scale
     assert np.abs(got - scalar).max() <= GEMM_RTOL * scale
+
+
+@pytest.mark.parametrize("wtype", K_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", SHAPES_K, ids=str)
+def test_kquant_gemm_matches_numpy_and_scalar(wtype: T, shape: tuple[int, int, int],
+                                              isa: str) -> None:
+    rows, n_tok, cols = shape
+    w, act = _operands(wtype, rows, n_tok, cols, seed=rows * 1000 + cols + int(wtype))
+    expected = q.gemm(wtype, w, act, cols)
+    bound = (np.abs(q.dequantize(act, ggml_types.Q8_K, cols)).astype(np.float64)
+             @ np.abs(q.dequantize(w, wtype, cols)).astype(np.float64).T)
+    got = _core.gemm(int(wtype), w, act, cols, isa)
+    scalar = _core.gemm(int(wtype), w, act, cols, "scalar")
+    assert got.shape == (n_tok, rows)
+    assert np.all(np.abs(got - expected) <= KQ_GEMM_RTOL * bound)
+    assert np.all(np.abs(got - scalar) <= KQ_GEMM_RTOL * bound)
+
+
+# Where each new type keeps its fp16 scales (byte offsets in a block): set to 1.0 for the exact
+# integer test below.
+FP16_SCALES = {T.Q5_0: [0], T.Q5_1: [0], T.IQ4_NL: [0], T.Q2_K: [80, 82], T.Q3_K: [108],
+               T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+@pytest.mark.parametrize("wtype", sorted(FP16_SCALES), ids=lambda t: t.name)
+def test_new_types_integer_parts_are_exact(wtype: T, isa: str) -> None:
+    """Random weight bytes with every fp16 scale 1.0 (Q5_1: min 0) against small integer
+    activations with scale 1.0: the dot products are integers below 2^24, so every ISA must give
+    exactly the numpy twin's integers (float64 from exact integer parts)."""
+    rng = np.random.default_rng(int(wtype))
+    t = ggml_types.traits(wtype)
+    rows, n_tok, cols = 5, 3, 2 * t.block_size if t.block_size == 256 else 256
+    w = rng.integers(0, 256, (rows, q.row_bytes(wtype, cols)), dtype=np.uint8)
+    wb = w.reshape(-1, t.type_size)
+    one = np.array([1.0], np.float16).view(np.uint8)
+    for at in FP16_SCALES[wtype]:
+        wb[:, at:at + 2] = one
+    if wtype == T.Q5_1:
+        wb[:, 2:4] = 0
+    x = rng.integers(-9, 10, (n_tok, cols)).astype(np.float32)
+    x[:, ::32] = 127  # makes every activation block scale exactly 1.0 (Q8_K: -1.0)
+    atype = q.activation_type(wtype)
+    act = q.quantize(x, atype)
+    assert np.array_equal(q.dequantize(act, atype, cols), x)
+    expected = q.gemm(wtype, w, act, cols)
+    assert np.array_equal(expected, np.round(expected))
+    assert np.array_equal(_core.gemm(int(wtype), w, act, cols, isa), expected)
 
 
 def test_gemm_integer_parts_are_exact(isa: str) -> None:

@@ -29,6 +29,18 @@ SPECS = {
     "gqa-q4_1-tied-hd64": TinySpec(wtype=T.Q4_1, dim=128, n_heads=2, n_kv_heads=1, tied=True,
                                    embd_type=T.Q8_0, rope_base=100000.0, seed=4),
     "mha-q4_1-3layers": TinySpec(wtype=T.Q4_1, n_layers=3, ffn_dim=160, seed=5),
+    # Types mixed tensor by tensor as llama-quantize's Q4_K_M does, with every activation format
+    # in one fused group: Q|K|V needs Q8_K (Q4_K, Q6_K) and Q8_1 (Q5_1); gate|up Q8_0 (IQ4_NL)
+    # and Q8_K (Q5_K). ffn_down's rows (ffn_dim 288) are not whole super-blocks: Q5_0.
+    "gqa-q4_k_m-mix": TinySpec(wtype=T.Q4_K, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=288,
+                               embd_type=T.Q2_K, seed=6, tensor_types=(
+                                   ("attn_q", T.Q5_1), ("attn_v", T.Q6_K), ("output", T.Q6_K),
+                                   ("ffn_gate", T.IQ4_NL), ("ffn_up", T.Q5_K),
+                                   ("ffn_down", T.Q5_0), ("attn_output", T.Q3_K))),
+    "mha-k-quants-tied": TinySpec(wtype=T.Q6_K, dim=256, n_heads=2, n_kv_heads=2, ffn_dim=512,
+                                  tied=True, embd_type=T.Q4_K, seed=7, tensor_types=(
+                                      ("attn_k", T.Q4_K), ("ffn_down", T.Q5_K),
+                                      ("ffn_gate", T.Q3_K), ("ffn_up", T.Q2_K))),
 }
 
 

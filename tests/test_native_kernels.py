@@ -47,7 +47,7 @@ ARCHES = {
         },
     },
 }
-PORTABLE_FILES = ["kernels_scalar.cpp", "dispatch.cpp", "ggml_types.cpp"]
+PORTABLE_FILES = ["kernels_scalar.cpp", "dispatch.cpp", "ggml_types.cpp", "ggml_quants.cpp"]
 
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.MULTILINE)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter
 
+from alpaca_cpu import ggml_types
 from alpaca_cpu.quants import quantize
 
 
@@ -25,6 +26,10 @@ class TinySpec:
     tied: bool = False
     wtype: T = T.F32
     embd_type: T | None = None  # None: same as wtype
+    # Per-tensor types, overriding wtype: (name part, type), e.g. ("attn_v", T.Q6_K) for every
+    # layer's attn_v.weight or ("output", T.Q6_K). A type the engine does not know gets random
+    # bytes (for tests that check it is refused).
+    tensor_types: tuple[tuple[str, T], ...] = ()
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
     context_length: int = 512
@@ -92,10 +97,19 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
         qtype = T.F32 if arr.ndim == 1 else spec.wtype
         if name == "token_embd.weight" and spec.embd_type is not None:
             qtype = spec.embd_type
+        for part, t in spec.tensor_types:
+            if name.split(".")[-2] == part:
+                qtype = t
         if qtype == T.F32:
             writer.add_tensor(name, arr)
-        else:
+        elif int(qtype) in ggml_types.TYPES:
             data = quantize(arr, qtype)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            block, block_bytes = GGML_QUANT_SIZES[qtype]
+            rng = np.random.default_rng(int(qtype))
+            data = rng.integers(0, 256, (arr.shape[0], arr.shape[1] // block * block_bytes),
+                                dtype=np.uint8)
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -35,7 +35,8 @@ compile csrc/kernels_scalar.cpp & pids+=($!)
 compile csrc/kernels_neon.cpp & pids+=($!)
 compile csrc/kernels_neon_dotprod.cpp -march=armv8.2-a+dotprod & pids+=($!)
 compile csrc/dispatch.cpp & pids+=($!)
-compile csrc/ggml_types.cpp & pids+=($!)
+compile csrc/ggml_types.cpp -ffp-contract=off & pids+=($!)
+compile csrc/ggml_quants.cpp -ffp-contract=off & pids+=($!)
 compile tests/native/test_kernels_native.cpp & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 "$CXX" -O3 -flto=auto "$BUILD"/*.o -o "$BUILD/test_kernels_native"

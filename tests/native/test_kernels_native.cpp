@@ -96,6 +96,29 @@ const char* type_name(GgmlType t) { return type_traits(t).name; }
 // The activation format each weight type is paired with (see GemmFn).
 GgmlType act_type(GgmlType w) { return type_traits(w).vec_dot_type; }
 
+int64_t block_of(GgmlType t) { return type_traits(t).block_size; }
+
+// Byte offsets of a block's fp16 fields (scales, mins, Q8_1's s), from ggml_types.h.
+std::vector<size_t> fp16_fields(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q4_0: case GgmlType::Q8_0: case GgmlType::Q5_0: case GgmlType::IQ4_NL:
+      return {0};
+    case GgmlType::Q4_1: case GgmlType::Q8_1: case GgmlType::Q5_1: case GgmlType::Q4_K:
+    case GgmlType::Q5_K:
+      return {0, 2};
+    case GgmlType::Q2_K: return {80, 82};
+    case GgmlType::Q3_K: return {108};
+    case GgmlType::Q6_K: return {208};
+    default: return {};  // F32, F16 (no blocks); Q8_K (float d)
+  }
+}
+
+// Row lengths to test a type at: whole blocks, including one block and K = 11008.
+std::vector<int64_t> block_sizes_for(GgmlType t) {
+  if (block_of(t) == QK_K) return {256, 2816, 11008};
+  return {32, 96, 11008};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operands: `rows` rows of `n` elements in a storage type, stored `stride` bytes apart, plus
 // their exact values as doubles (dequantized with the portable scalar code).
@@ -157,7 +180,14 @@ void decode_row(GgmlType t, const uint8_t* src, int64_t n, double* out) {
       for (int j = 0; j < QK; j++) o[j] = double(fp16_to_fp32(blk.d)) * blk.qs[j];
     }
   }
-  if (t == GgmlType::F16) {
+  if (t != GgmlType::F16 && t != GgmlType::F32 && t != GgmlType::Q4_0 && t != GgmlType::Q4_1 &&
+      t != GgmlType::Q8_0 && t != GgmlType::Q8_1) {
+    // Q5_0 ... Q8_K: the type table's reference dequantizer (equal to gguf.quants bit for bit,
+    // tests/test_quants.py), which no kernel table replaces.
+    std::vector<float> f(static_cast<size_t>(n));
+    type_traits(t).to_float(src, f.data(), n);
+    for (int64_t i = 0; i < n; i++) out[i] = f[size_t(i)];
+  } else if (t == GgmlType::F16) {
     for (int64_t i = 0; i < n; i++) out[i] = fp16_to_fp32(reinterpret_cast<const fp16_t*>(src)[i]);
   } else if (t == GgmlType::F32) {
     for (int64_t i = 0; i < n; i++) out[i] = reinterpret_cast<const float*>(src)[i];
@@ -213,6 +243,25 @@ Rows integer_rows(GgmlType t, int64_t rows, int64_t n, uint32_t seed, int amp) {
         for (auto& v : blk.qs) sum += v = int8_t(q(rng));
         blk.s = fp32_to_fp16(float(sum));  // |sum| <= 32 * amp < 2048: exact in fp16
       }
+    }
+    const bool other = is_block_type(t) && t != GgmlType::Q4_0 && t != GgmlType::Q4_1 &&
+                       t != GgmlType::Q8_0 && t != GgmlType::Q8_1;
+    if (other && t == GgmlType::Q8_K) {  // d = 1, small quants, their sums
+      for (int64_t b = 0; b < n / QK_K; b++) {
+        auto& blk = reinterpret_cast<block_q8_K*>(dst)[b];
+        blk.d = 1.0f;
+        for (auto& v : blk.qs) v = int8_t(q(rng));
+        for (int j = 0; j < QK_K / 16; j++) {
+          int sum = 0;
+          for (int i = 0; i < 16; i++) sum += blk.qs[16 * j + i];
+          blk.bsums[j] = int16_t(sum);
+        }
+      }
+    } else if (other) {  // random quants and sub-block scales, every fp16 field 1.0
+      const size_t bb = type_traits(t).type_size;
+      for (size_t i = 0; i < row_bytes(t, n); i++) dst[i] = uint8_t(nib(rng));
+      for (int64_t b = 0; b < n / block_of(t); b++)
+        for (size_t at : fp16_fields(t)) std::memcpy(dst + size_t(b) * bb + at, &one, 2);
     }
     for (int64_t j = 0; j < n; j++) {
       if (t == GgmlType::F16) reinterpret_cast<fp16_t*>(dst)[j] = fp32_to_fp16(float(small(rng)));
@@ -306,14 +355,19 @@ std::string compare_dequantizer(GgmlType type, const KernelTable& s, const Kerne
   std::mt19937 rng(seed);
   for (auto& b : blocks) b = uint8_t(rng());
   for (int64_t b = 0; b < nb; b++) {
-    fp16_t* h = reinterpret_cast<fp16_t*>(blocks.data() + size_t(b) * tt.type_size);
-    for (size_t i = 0; i < tt.scale_bytes / 2; i++) {
-      if ((h[i] & 0x7c00) == 0x7c00) h[i] &= 0xbfff;  // inf/NaN exponent -> finite
+    for (size_t at : fp16_fields(type)) {
+      uint8_t* h = blocks.data() + size_t(b) * tt.type_size + at;
+      if ((h[1] & 0x7c) == 0x7c) h[1] &= 0xbf;  // inf/NaN exponent -> finite
+    }
+    if (type == GgmlType::Q8_K) {  // float d: finite
+      const float d = float(int(rng() % 2001) - 1000) / 256.0f;
+      std::memcpy(blocks.data() + size_t(b) * tt.type_size, &d, 4);
     }
   }
-  std::vector<float> ys(size_t(nb * QK)), yt(size_t(nb * QK));
-  s.of(type, Need::ToFloat).to_float(blocks.data(), ys.data(), nb * QK);
-  t.of(type, Need::ToFloat).to_float(blocks.data(), yt.data(), nb * QK);
+  const int64_t k = nb * tt.block_size;
+  std::vector<float> ys(static_cast<size_t>(k)), yt(static_cast<size_t>(k));
+  s.of(type, Need::ToFloat).to_float(blocks.data(), ys.data(), k);
+  t.of(type, Need::ToFloat).to_float(blocks.data(), yt.data(), k);
   for (size_t i = 0; i < ys.size(); i++) {
     if (bits(ys[i]) != bits(yt[i])) {
       return fmt("element %zu: scalar %.9g, got %.9g", i, ys[i], yt[i]);
@@ -333,8 +387,12 @@ void test_quantizers(const KernelTable& s, const KernelTable& t) {
   // Every block type of the traits table (F16 and F32 rows: test_fp16).
   for (const TypeTraits* tt : all_type_traits()) {
     if (!tt->is_block) continue;
-    for (const auto& [label, x] : inputs)
-      record(isa + " from_float " + tt->name + " " + label, compare_quantizer(tt->type, s, t, x));
+    for (const auto& [label, x] : inputs) {
+      if (int64_t(x.size()) < tt->block_size) continue;  // k=32, k=96: no super-block
+      // whole blocks of the type (the corners' 73 blocks of 32: 9 super-blocks)
+      const std::vector<float> xb(x.begin(), x.begin() + int64_t(x.size()) / tt->block_size * tt->block_size);
+      record(isa + " from_float " + tt->name + " " + label, compare_quantizer(tt->type, s, t, xb));
+    }
     record(isa + " to_float " + tt->name,
            compare_dequantizer(tt->type, s, t, 20 + uint32_t(tt->type)));
   }
@@ -431,7 +489,7 @@ void test_fp16(const KernelTable& s, const KernelTable& t) {
 void test_dots(const KernelTable& s, const KernelTable& t) {
   const std::string isa = t.name;
   for (GgmlType wt : kWeightTypes) {
-    std::vector<int64_t> sizes = {32, 96, 11008};
+    std::vector<int64_t> sizes = block_sizes_for(wt);
     if (!is_block_type(wt)) sizes.insert(sizes.end(), {1, 7, 15, 33, 11007});
     for (int64_t n : sizes) {
       const Rows w = random_rows(wt, 1, n, uint32_t(n) * 7 + 1);
@@ -451,9 +509,13 @@ void test_dots(const KernelTable& s, const KernelTable& t) {
 void test_exact(const KernelTable& t) {
   const std::string isa = t.name;
   for (GgmlType wt : kWeightTypes) {
-    // Amplitudes keep sum |w * a| below 2^24 at K = 11008 (see integer_rows).
-    const int amp_w = 30, amp_a = wt == GgmlType::Q4_0 ? 127 : wt == GgmlType::Q4_1 ? 60 : 30;
-    for (int64_t n : {32, 96, 11008}) {
+    // Amplitudes keep sum |w * a| below 2^24 at K = 11008 (see integer_rows); K-quant weights
+    // with random sub-block scales reach |w| ~ 4096 (Q6_K), so they run at K = 256 only.
+    const bool kq = block_of(wt) == QK_K;
+    const int amp_w = 30, amp_a = wt == GgmlType::Q4_0 ? 127 : wt == GgmlType::Q4_1 ? 60
+                                  : wt == GgmlType::IQ4_NL ? 4 : kq ? 8 : 30;
+    const std::vector<int64_t> lengths = kq ? std::vector<int64_t>{256} : std::vector<int64_t>{32, 96, 11008};
+    for (int64_t n : lengths) {
       const Rows w = integer_rows(wt, 5, n, uint32_t(n) + 3, amp_w);
       const Rows a = integer_rows(act_type(wt), 3, n, uint32_t(n) + 4, amp_a);
       std::string err;
@@ -481,9 +543,11 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
   const std::string isa = t.name;
   struct Shape { int64_t rows, n_tok, n; };
   // One row, rows not a multiple of 8, K = 32, 96 and 11008.
-  const Shape shapes[] = {{1, 1, 32}, {7, 3, 32}, {13, 5, 96}, {9, 2, 11008}, {24, 17, 576}};
+  const std::vector<Shape> shapes = {{1, 1, 32}, {7, 3, 32}, {13, 5, 96}, {9, 2, 11008}, {24, 17, 576}};
+  // Super-block types: one super-block, K = 2816, 11008, 14336.
+  const std::vector<Shape> shapes_k = {{1, 1, 256}, {7, 3, 256}, {5, 3, 2816}, {3, 2, 11008}, {2, 1, 14336}};
   for (GgmlType wt : kWeightTypes) {
-    for (const Shape& sh : shapes) {
+    for (const Shape& sh : block_of(wt) == QK_K ? shapes_k : shapes) {
       const Rows w = random_rows(wt, sh.rows, sh.n, uint32_t(sh.rows * 1000 + sh.n));
       const Rows a = random_rows(act_type(wt), sh.n_tok, sh.n, uint32_t(sh.rows * 1000 + sh.n + 1));
       const int64_t out_stride = sh.rows + 3;  // padding columns must stay untouched
@@ -658,7 +722,7 @@ void test_layout(const KernelTable& t) {
   const std::string isa = t.name;
   for (GgmlType wt : kWeightTypes) {
     for (int64_t rows : {1, 7, 8, 13, 24}) {
-      const Rows w = random_rows(wt, rows, 96, uint32_t(rows) * 31 + 5);
+      const Rows w = random_rows(wt, rows, 3 * block_of(wt) * (block_of(wt) == 1 ? 32 : 1), uint32_t(rows) * 31 + 5);
       const std::vector<uint8_t> p = packed_for(t, w);
       const size_t rb = row_bytes(wt, w.n);
       std::vector<uint8_t> back(rb);

@@ -2,8 +2,11 @@
 
 The expected tables below are written out by hand from llama.cpp's `llama_tensor_get_type`
 (src/llama-quant.cpp, ggml 0c1e570): layer numbers are literals, not recomputed with the
-converter's own rules. tests/test_convert_kquant_tensors.py compares the plan with the types
-llama-quantize really wrote.
+converter's own rules. The plan was checked once against that llama-quantize (the one vendored
+in llama-cpp-python 0.3.36) on tiny F32 files of these shapes (whole 256-blocks with GQA 8/2,
+MHA, tied; 80 layers GQA and MHA; dim 80), for all 13 of its file types we name: all 24,791
+tensor types agreed, and so did general.file_type. tests/test_convert_kquant_tensors.py
+compares the plan with the types llama-quantize wrote for the real model.
 """
 
 from __future__ import annotations

@@ -232,11 +232,10 @@ def test_written_or_refused_naming_the_missing_types(outtype: str, tiny_f32: Pat
 
 def test_a_type_the_table_lacks_is_refused(tiny_f32: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Availability is read from the engine's type table: without its Q8_0 row, q8_0 is refused
-    with the message, before anything is written (not a crash inside the quantizer)."""
-    from alpaca_cpu import ggml_types
-
-    monkeypatch.setattr(ggml_types, "WEIGHT_TYPES", ggml_types.WEIGHT_TYPES - {T.Q8_0})
+    """Availability is read from the engine's native type table: without its Q8_0 row, q8_0 is
+    refused with the message, before anything is written (not a crash inside the quantizer)."""
+    rows = [r for r in _core.type_traits() if r["id"] != T.Q8_0]
+    monkeypatch.setattr(_core, "type_traits", lambda: rows)
     with pytest.raises(ConvertError, match=r"--outtype q8_0: type Q8_0 is not supported by this "
                                            r"build's quantizers \(it has F32, F16, Q4_0, Q4_1"):
         convert(tiny_f32, tmp_path / "out.gguf", outtype="q8_0", out=io.StringIO())

@@ -14,14 +14,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_VERSION
 
-from alpaca_cpu import _core, ggml_types
+from alpaca_cpu import _core
 from alpaca_cpu.system import physical_cores
 
 from . import metadata as kv
 from .detect import open_source
 from .errors import ConvertError
 from .lora import LoraAdapter
-from .quant_plan import MIXES, PlannedTensor, plan, quantizer_missing
+from .quant_plan import MIXES, PlannedTensor, plan, quantizable, quantizer_missing
 from .source import Source
 from .writer import check_output, write_gguf
 
@@ -74,7 +74,7 @@ def _missing_quantizers(tensors: list[PlannedTensor], outtype: str) -> str:
     if not missing:
         return ""
     names = ", ".join(t.name for t in missing)
-    have = ", ".join(t.name for t in sorted(ggml_types.WEIGHT_TYPES))
+    have = ", ".join(t.name for t in sorted(quantizable()))
     return (f"--outtype {outtype}: {'types' if len(missing) > 1 else 'type'} {names} "
             f"{'are' if len(missing) > 1 else 'is'} not supported by this build's quantizers "
             f"(it has {have})")

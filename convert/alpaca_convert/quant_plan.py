@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 from gguf.constants import GGML_QUANT_SIZES
 
-from alpaca_cpu import ggml_types
+from alpaca_cpu import _core
 from alpaca_cpu.config import ModelConfig
 
 from .hparams import tensor_shapes
@@ -189,6 +189,12 @@ def plan(config: ModelConfig, outtype: str) -> list[PlannedTensor]:
             for name, shape in tensor_shapes(config).items()]
 
 
+def quantizable() -> frozenset[T]:
+    """The weight types this build's engine can make: the rows of its native type table (the
+    one `_core.quantize` reads; alpaca_cpu.ggml_types mirrors it)."""
+    return frozenset(T(row["id"]) for row in _core.type_traits() if row["is_weight"])
+
+
 def quantizer_missing(tensors: list[PlannedTensor]) -> list[T]:
-    """The planned types this build's engine cannot make (not rows of its type table)."""
-    return sorted({t.type for t in tensors} - ggml_types.WEIGHT_TYPES)
+    """The planned types this build's engine cannot make."""
+    return sorted({t.type for t in tensors} - quantizable())

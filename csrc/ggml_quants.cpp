@@ -8,8 +8,8 @@
 // is built without FMA on x86-64; on aarch64 a compiler that fuses would make a few blocks of
 // its output differ from ours.
 //
-// Where GGML leaves bytes undefined we write zeros: Q8_K bsums of an all-zero block, the levels
-// of an all-zero IQ4_NL block (GGML keeps the previous block's). Neither changes a value.
+// Where GGML leaves bytes undefined we write zeros: Q8_K bsums of an all-zero block. It does
+// not change a value.
 #include "ggml_quants.h"
 
 #include <algorithm>
@@ -329,12 +329,27 @@ void quantize_row_q5_1(const float* x, block_q5_1* y, int64_t k) {
   }
 }
 
-// GGML's reference IQ4_NL quantizer (quantize_row_iq4_nl_ref): the scale max / -127, levels
-// to the nearest value, then the x^2-weighted least-squares scale for those levels. (llama-
-// quantize itself also tries 15 more scales per block, so its IQ4_NL files may differ.)
+// Sums of w * q * x and w * q * q (w = x^2) over a block of 32 for the IQ4_NL levels nearest
+// to id * x, in GGML's element order.
+static void iq4nl_sums(const float* x, float id, float& sumqx, float& sumq2) {
+  sumqx = sumq2 = 0;
+  for (int j = 0; j < QK; ++j) {
+    const float q = kIq4nlValues[nearest_iq4nl(id * x[j])];
+    const float w = x[j] * x[j];
+    sumqx += w * q * x[j];
+    sumq2 += w * q * q;
+  }
+}
+
+// IQ4_NL as llama-quantize writes it without an importance matrix (GGML's quantize_iq4_nl,
+// the block search with ntry 7; weights x^2): the least-squares scale for the levels nearest
+// to x * 127 / max, then for each of the 15 scales max / (itry - 127), itry = -7 .. 7, the
+// least-squares scale for its levels, keeping whichever has the largest sumqx^2 / sumq2
+// (the first on a tie); the levels are then redone for the kept scale. GGML's
+// quantize_row_iq4_nl_ref (ntry -1) tries only max / -127 and keeps its levels.
 void quantize_row_iq4_nl(const float* x, block_iq4_nl* y, int64_t k) {
+  constexpr int ntry = 7;
   for (int64_t b = 0; b < k / QK; b++, x += QK) {
-    uint8_t L[QK] = {};
     float amax = 0, max = 0;
     for (int j = 0; j < QK; ++j) {
       const float ax = std::fabs(x[j]);
@@ -342,19 +357,22 @@ void quantize_row_iq4_nl(const float* x, block_iq4_nl* y, int64_t k) {
     }
     float d = 0;
     if (amax >= kGroupMaxEps) {
-      const float id = 1 / (max / kIq4nlValues[0]);
-      float sumqx = 0, sumq2 = 0;
-      for (int j = 0; j < QK; ++j) {
-        const int l = nearest_iq4nl(id * x[j]);
-        L[j] = uint8_t(l);
-        const float q = kIq4nlValues[l];
-        const float w = x[j] * x[j];
-        sumqx += w * q * x[j];
-        sumq2 += w * q * q;
-      }
+      float sumqx, sumq2;
+      iq4nl_sums(x, 1 / (-max / kIq4nlValues[0]), sumqx, sumq2);
       d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+      float best = d * sumqx;
+      for (int itry = -ntry; itry <= ntry; ++itry) {
+        iq4nl_sums(x, float(itry + kIq4nlValues[0]) / max, sumqx, sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+          d = sumqx / sumq2;
+          best = d * sumqx;
+        }
+      }
     }
     y[b].d = fp32_to_fp16(d);
+    const float id = d ? 1 / d : 0;
+    uint8_t L[QK];
+    for (int j = 0; j < QK; ++j) L[j] = uint8_t(nearest_iq4nl(id * x[j]));
     for (int j = 0; j < QK / 2; ++j) y[b].qs[j] = uint8_t(L[j] | (L[j + QK / 2] << 4));
   }
 }

@@ -1,9 +1,10 @@
 // Reference row conversions of Q5_0, Q5_1, IQ4_NL, the K-quants (Q2_K ... Q6_K) and Q8_K:
 // the type table's to_float / from_float for them (ggml_types.cpp), shared by every kernel
 // table. Bit-exact with GGML: dequantizers equal ggml's dequantize_row_*, quantizers equal its
-// quantize_row_*_ref (the same float operations in the same order; ggml_quants.cpp is compiled
-// with -ffp-contract=off so that no a*b+c becomes an FMA). numpy twins: alpaca_cpu/quants.py
-// (32-element types, Q8_K) and alpaca_cpu/kquants.py (K-quants).
+// quantize_row_*_ref, except IQ4_NL's, which equals quantize_iq4_nl without an importance
+// matrix, as llama-quantize calls it (the same float operations in the same order;
+// ggml_quants.cpp is compiled with -ffp-contract=off so that no a*b+c becomes an FMA). numpy
+// twins: alpaca_cpu/quants.py (32-element types, Q8_K) and alpaca_cpu/kquants.py (K-quants).
 #pragma once
 #include <cstdint>
 

@@ -51,9 +51,7 @@ NATIVE = {T(row["id"]) for row in _core.type_traits() if row["is_weight"]}
 # The files whose every type this build quantizes (plan made from SmolLM2's hyper-parameters).
 WRITABLE = [f for f in FILE_TYPES if {t.type for t in plan(SMOLLM2, f.lower())} <= NATIVE]
 # Known differences from llama-quantize, strict: the test fails once they are gone.
-KNOWN = {"IQ4_NL": "the engine's IQ4_NL quantizer is GGML's quantize_row_iq4_nl_ref (one scale, "
-                   "ntry -1); llama-quantize calls quantize_iq4_nl, which also tries 7 scales "
-                   "either side (ntry 7)"}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,6 @@ FILE_TYPES = sorted(REFERENCE["files"])  # llama-quantize's names: Q4_K_M, Q5_0,
 NATIVE = {T(row["id"]) for row in _core.type_traits() if row["is_weight"]}
 # The files whose every type this build quantizes (plan made from SmolLM2's hyper-parameters).
 WRITABLE = [f for f in FILE_TYPES if {t.type for t in plan(SMOLLM2, f.lower())} <= NATIVE]
-# Known differences from llama-quantize, strict: the test fails once they are gone.
-KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +118,7 @@ PAIRS["IQ4_NL"] = {n for n in PAIRS["IQ4_NL"]
                    if not n.startswith("blk.") or n.startswith(("blk.0.", "blk.29."))}
 
 
-@pytest.mark.parametrize("type_name", [
-    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=KNOWN[t])) if t in KNOWN else t
-    for t in sorted(PAIRS)])
+@pytest.mark.parametrize("type_name", sorted(PAIRS))
 def test_quantized_tensors_have_llama_quantizes_bytes(type_name: str, smollm2_f32: Path) -> None:
     source = open_model_file(smollm2_f32).tensors
     wrong = []

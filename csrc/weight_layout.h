@@ -37,8 +37,9 @@ inline void ggml_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_
   std::memcpy(dst, static_cast<const uint8_t*>(packed) + size_t(row) * rb, rb);
 }
 
-// --- Panel<R> layout ---
-inline bool panels_apply(GgmlType t) { return type_traits(t).panel8; }
+// --- Panel<R> layout: for block types of 32 weights whose GGML block is fp16 scale fields
+// followed by quants in 4-byte groups (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL). Each table says
+// which types it panels (its pack wrappers); the rest keep the GGML layout. ---
 
 // Bytes of a block's scales and of its quants in GGML's block struct.
 struct BlockParts {
@@ -52,7 +53,6 @@ inline BlockParts block_parts(GgmlType t) {
 
 template <int R>
 inline size_t panel_packed_bytes(GgmlType t, int64_t rows, int64_t cols) {
-  if (!panels_apply(t)) return ggml_packed_bytes(t, rows, cols);
   const int64_t panels = (rows + R - 1) / R;
   return size_t(panels) * R * row_bytes(t, cols);
 }
@@ -61,7 +61,6 @@ inline size_t panel_packed_bytes(GgmlType t, int64_t rows, int64_t cols) {
 // as with GGML rows); inside it, block column b starts at b * R * block bytes.
 template <int R>
 inline void panel_pack(GgmlType t, const void* src, int64_t rows, int64_t cols, void* dst) {
-  if (!panels_apply(t)) return ggml_pack(t, src, rows, cols, dst);
   const BlockParts bp = block_parts(t);
   const size_t bb = bp.scales + bp.quants, rb = row_bytes(t, cols), pb = R * bb;
   const int64_t nb = cols / type_traits(t).block_size, panels = (rows + R - 1) / R;
@@ -85,7 +84,6 @@ inline void panel_pack(GgmlType t, const void* src, int64_t rows, int64_t cols, 
 
 template <int R>
 inline void panel_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_t row, void* dst) {
-  if (!panels_apply(t)) return ggml_unpack_row(t, packed, cols, row, dst);
   const BlockParts bp = block_parts(t);
   const size_t bb = bp.scales + bp.quants, rb = row_bytes(t, cols), pb = R * bb;
   const int64_t nb = cols / type_traits(t).block_size, p = row / R, r = row % R;
@@ -100,15 +98,23 @@ inline void panel_unpack_row(GgmlType t, const void* packed, int64_t cols, int64
   }
 }
 
-// The AVX2 table's layout functions (R = 8), as KernelTable entries.
-inline size_t panel8_packed_bytes(GgmlType t, int64_t rows, int64_t cols) {
-  return panel_packed_bytes<8>(t, rows, cols);
+// A table's layout functions (KernelTable entries): Panel<R> for the types Applies(t) names,
+// GGML for the others.
+template <int R, bool (*Applies)(GgmlType)>
+inline size_t panels_packed_bytes(GgmlType t, int64_t rows, int64_t cols) {
+  return Applies(t) ? panel_packed_bytes<R>(t, rows, cols) : ggml_packed_bytes(t, rows, cols);
 }
-inline void panel8_pack(GgmlType t, const void* src, int64_t rows, int64_t cols, void* dst) {
-  panel_pack<8>(t, src, rows, cols, dst);
+template <int R, bool (*Applies)(GgmlType)>
+inline void panels_pack(GgmlType t, const void* src, int64_t rows, int64_t cols, void* dst) {
+  Applies(t) ? panel_pack<R>(t, src, rows, cols, dst) : ggml_pack(t, src, rows, cols, dst);
 }
-inline void panel8_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_t row, void* dst) {
-  panel_unpack_row<8>(t, packed, cols, row, dst);
+template <int R, bool (*Applies)(GgmlType)>
+inline void panels_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_t row, void* dst) {
+  Applies(t) ? panel_unpack_row<R>(t, packed, cols, row, dst)
+             : ggml_unpack_row(t, packed, cols, row, dst);
 }
+
+// The AVX2 table's choice: the types whose traits say panel8 (Q4_0, Q4_1, Q8_0).
+inline bool panel8_applies(GgmlType t) { return type_traits(t).panel8; }
 
 }  // namespace alpaca

@@ -114,7 +114,8 @@ void from_float(const float* x, void* y, int64_t k) { F(x, static_cast<Dst*>(y),
 
 // One row per type: id, name, block size, bytes per block, block type?, weight type?,
 // activation format, scale bytes, Panel8?, to float, from float. The conversions of Q5_0 ...
-// Q8_K are in ggml_quants.cpp. Scale bytes only matter for Panel8 types.
+// Q8_K are in ggml_quants.cpp. Scale bytes (the fp16 fields a block starts with) only matter
+// for the types a table keeps in panels (weight_layout.h).
 const TypeTraits kTraits[] = {
     {GgmlType::F32, "F32", 1, 4, false, true, GgmlType::F32, 0, false,
      to_float<float, copy_f32_row>, from_float<float, copy_f32_row>},
@@ -136,9 +137,9 @@ const TypeTraits kTraits[] = {
      to_float<block_q2_K, dequantize_row_q2_K>, from_float<block_q2_K, quantize_row_q2_K>},
     {GgmlType::Q3_K, "Q3_K", QK_K, sizeof(block_q3_K), true, true, GgmlType::Q8_K, 0, false,
      to_float<block_q3_K, dequantize_row_q3_K>, from_float<block_q3_K, quantize_row_q3_K>},
-    {GgmlType::Q4_K, "Q4_K", QK_K, sizeof(block_q4_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q4_K, "Q4_K", QK_K, sizeof(block_q4_K), true, true, GgmlType::Q8_K, 4, false,
      to_float<block_q4_K, dequantize_row_q4_K>, from_float<block_q4_K, quantize_row_q4_K>},
-    {GgmlType::Q5_K, "Q5_K", QK_K, sizeof(block_q5_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q5_K, "Q5_K", QK_K, sizeof(block_q5_K), true, true, GgmlType::Q8_K, 4, false,
      to_float<block_q5_K, dequantize_row_q5_K>, from_float<block_q5_K, quantize_row_q5_K>},
     {GgmlType::Q6_K, "Q6_K", QK_K, sizeof(block_q6_K), true, true, GgmlType::Q8_K, 0, false,
      to_float<block_q6_K, dequantize_row_q6_K>, from_float<block_q6_K, quantize_row_q6_K>},

@@ -26,6 +26,10 @@ static inline __m512i finish_u8i8(__m512i acc) {
 static inline __m512i acc_u7i8(__m512i acc, __m512i u, __m512i s) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 }
+// Scaled: madd with the scale in both int16 halves widens and scales at once.
+static inline __m512i scale_u8i8(__m512i acc, __m512i sc) {
+  return _mm512_madd_epi16(acc, _mm512_or_si512(sc, _mm512_slli_epi32(sc, 16)));
+}
 // s8 x s8: |w| meets a with w's sign moved onto it (maddubs wants one unsigned operand);
 // pair sums up to 2 * 127 * 128 fit int16 and are widened at every step.
 static inline __m512i acc_i8i8(__m512i acc, __m512i w, __m512i a) {

@@ -22,6 +22,7 @@ static inline __m512i finish_u8i8(__m512i acc) { return acc; }
 static inline __m512i acc_u7i8(__m512i acc, __m512i u, __m512i s) {
   return _mm512_dpbusd_epi32(acc, u, s);
 }
+static inline __m512i scale_u8i8(__m512i acc, __m512i sc) { return _mm512_mullo_epi32(acc, sc); }
 // s8 x s8: |w| (unsigned) meets a with w's sign moved onto it.
 static inline __m512i acc_i8i8(__m512i acc, __m512i w, __m512i a) {
   const __m512i sa = _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), _mm512_setzero_si512(), a);

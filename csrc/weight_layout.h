@@ -37,18 +37,23 @@ inline void ggml_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_
   std::memcpy(dst, static_cast<const uint8_t*>(packed) + size_t(row) * rb, rb);
 }
 
-// --- Panel<R> layout: for block types of 32 weights whose GGML block is fp16 scale fields
-// followed by quants in 4-byte groups (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL). Each table says
-// which types it panels (its pack wrappers); the rest keep the GGML layout. ---
+// --- Panel<R> layout: for block types made of fp16 scale fields and quants in 4-byte groups
+// (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL; Q4_K, Q5_K and Q6_K, whose 6-bit or 8-bit sub-block
+// scales count as quants). Each table says which types it panels (its pack wrappers); the rest
+// keep the GGML layout. ---
 
-// Bytes of a block's scales and of its quants in GGML's block struct.
+// Where a GGML block keeps its fp16 scale fields and its quants: the scales either lead the
+// block (every type but Q6_K) or end it (Q6_K's d); the quants are the other bytes, in order.
 struct BlockParts {
-  size_t scales;  // fp16 d (and m) at the start of the GGML block
-  size_t quants;  // the qs bytes that follow
+  size_t scales;        // bytes of fp16 d (and m)
+  size_t scale_offset;  // where they start
+  size_t quants;        // bytes of the rest
+  size_t quant_offset;  // where the rest starts
 };
 inline BlockParts block_parts(GgmlType t) {
   const TypeTraits& tt = type_traits(t);
-  return {tt.scale_bytes, tt.type_size - tt.scale_bytes};
+  const size_t q = tt.type_size - tt.scale_bytes;
+  return {tt.scale_bytes, tt.scale_offset, q, tt.scale_offset == 0 ? tt.scale_bytes : 0};
 }
 
 template <int R>
@@ -74,9 +79,10 @@ inline void panel_pack(GgmlType t, const void* src, int64_t rows, int64_t cols, 
         const uint8_t* sb = srow + size_t(b) * bb;
         uint8_t* pd = d + size_t(p) * R * rb + size_t(b) * pb;
         // scales: field f (d, then m) of the R rows together
-        for (size_t f = 0; f < bp.scales / 2; f++) std::memcpy(pd + f * 2 * R + 2 * r, sb + 2 * f, 2);
+        for (size_t f = 0; f < bp.scales / 2; f++)
+          std::memcpy(pd + f * 2 * R + 2 * r, sb + bp.scale_offset + 2 * f, 2);
         for (size_t j = 0; j < bp.quants / 4; j++)
-          std::memcpy(pd + bp.scales * R + 4 * R * j + 4 * r, sb + bp.scales + 4 * j, 4);
+          std::memcpy(pd + bp.scales * R + 4 * R * j + 4 * r, sb + bp.quant_offset + 4 * j, 4);
       }
     }
   }
@@ -92,9 +98,10 @@ inline void panel_unpack_row(GgmlType t, const void* packed, int64_t cols, int64
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* pd = ps + size_t(b) * pb;
     uint8_t* db = d + size_t(b) * bb;
-    for (size_t f = 0; f < bp.scales / 2; f++) std::memcpy(db + 2 * f, pd + f * 2 * R + 2 * r, 2);
+    for (size_t f = 0; f < bp.scales / 2; f++)
+      std::memcpy(db + bp.scale_offset + 2 * f, pd + f * 2 * R + 2 * r, 2);
     for (size_t j = 0; j < bp.quants / 4; j++)
-      std::memcpy(db + bp.scales + 4 * j, pd + bp.scales * R + 4 * R * j + 4 * r, 4);
+      std::memcpy(db + bp.quant_offset + 4 * j, pd + bp.scales * R + 4 * R * j + 4 * r, 4);
   }
 }
 

@@ -1,0 +1,159 @@
+"""convert-weights on Llama 3.x and Mistral checkpoints.
+
+- A tiny Hugging Face Llama-3-style model made here (rope_scaling "llama3", rope_theta 500000,
+  grouped-query attention, tied and untied embeddings, a Llama-3 tokenizer.json trained here):
+  our converted F32 file's logits equal transformers' over 100 positions, where the scaling
+  matters; rope_freqs.weight is what transformers divides its frequencies by.
+- linear rope_scaling becomes llama.cpp's `llama.rope.scaling.*` keys, same logits.
+- A tiny MistralForCausalLM folder with a Mistral v3 SentencePiece tokenizer converts the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from alpaca_convert import convert
+from conftest import DATA_DIR
+from llama3_mistral_vocab import LLAMA3_SPECIAL, train_llama3_bpe
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import alpaca_cpu
+from alpaca_cpu.gguf_file import open_model_file
+from alpaca_cpu.tokenizer import Tokenizer
+
+# Largest |logit difference| / largest |logit| between our engine on the converted F32 file
+# and transformers on the checkpoint (float32 weights and KV cache in both; only summation
+# order differs, measured ~1e-6). Plain RoPE instead of Llama 3's scaling gives ~0.3.
+F32_RTOL = 1e-4
+N_POSITIONS = 100
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights at a scale that gives peaked logits (the library's init gives all ~0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+def llama3_folder(folder: Path, tied: bool, rope_scaling: dict | None = LLAMA3_SCALING,
+                  seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
+    folder.mkdir(parents=True)
+    train_llama3_bpe(folder / "tokenizer.json")
+    n_vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) \
+        + len(LLAMA3_SPECIAL)
+    config = LlamaConfig(
+        vocab_size=n_vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=rope_scaling, max_position_embeddings=256,
+        tie_word_embeddings=tied, bos_token_id=n_vocab - 8, eos_token_id=n_vocab - 4)
+    torch.manual_seed(seed)
+    model = randomize(LlamaForCausalLM(config), seed)
+    model.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "chat_template": (DATA_DIR / "chat_templates" / "Llama-3.1-8B-Instruct.jinja")
+        .read_text(encoding="utf-8")}))
+    return folder, model
+
+
+def tokens(n_vocab: int, n: int = N_POSITIONS) -> list[int]:
+    return [int(t) for t in np.random.default_rng(5).integers(0, n_vocab - 8, n)]
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def logits_pair(model: torch.nn.Module, path: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = alpaca_cpu.Model(path, n_ctx=128, kv_type="f32").forward(ids, all_logits=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_llama3_logits_match_transformers(tmp_path: Path, tied: bool) -> None:
+    folder, model = llama3_folder(tmp_path / "hf", tied)
+    convert(folder, tmp_path / "f32.gguf", outtype="f32")
+    mf = open_model_file(tmp_path / "f32.gguf")
+    assert mf.config.has_rope_freqs and mf.config.rope_base == 500000.0
+    assert mf.config.tied_embeddings == tied and mf.config.n_kv_heads == 2
+    # rope_freqs.weight: how much transformers slows each frequency
+    rotary = model.model.rotary_emb
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    np.testing.assert_allclose(mf.rope_divisors(), (plain / rotary.inv_freq).numpy(), rtol=1e-6)
+    assert mf.rope_divisors().max() == 8.0 and mf.rope_divisors().min() == 1.0
+    ids = tokens(mf.config.n_vocab)
+    ours, ref = logits_pair(model, tmp_path / "f32.gguf", ids)
+    assert rel_err(ours, ref) <= F32_RTOL
+    # the tokenizer is Llama 3's, with its template and end-of-turn tokens
+    assert mf.metadata["tokenizer.ggml.pre"] == "llama-bpe"
+    tok = Tokenizer.from_metadata(mf.metadata)
+    assert {tok.tokens[i] for i in tok.eog_ids} == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
+    assert mf.metadata["tokenizer.chat_template"].startswith("{{- bos_token }}")
+
+
+def test_plain_rope_would_not_match(tmp_path: Path) -> None:
+    """The comparison above can fail: the same weights converted without the scaling differ."""
+    folder, model = llama3_folder(tmp_path / "hf", tied=False)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(config.get(key), dict):
+            config[key] = {"rope_type": "default", "rope_theta": 500000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    convert(folder, tmp_path / "plain.gguf", outtype="f32")
+    assert not open_model_file(tmp_path / "plain.gguf").config.has_rope_freqs
+    ours, ref = logits_pair(model, tmp_path / "plain.gguf", tokens(config["vocab_size"]))
+    assert rel_err(ours, ref) > 100 * F32_RTOL
+
+
+def test_linear_scaling_converts_to_llama_cpp_keys(tmp_path: Path) -> None:
+    folder, model = llama3_folder(tmp_path / "hf", tied=False,
+                                  rope_scaling={"rope_type": "linear", "factor": 4.0})
+    convert(folder, tmp_path / "f32.gguf", outtype="f32")
+    mf = open_model_file(tmp_path / "f32.gguf")
+    assert mf.metadata["llama.rope.scaling.type"] == "linear"
+    assert mf.metadata["llama.rope.scaling.factor"] == 4.0
+    assert not mf.config.has_rope_freqs and mf.config.rope_scaling_factor == 4.0
+    ours, ref = logits_pair(model, tmp_path / "f32.gguf", tokens(mf.config.n_vocab))
+    assert rel_err(ours, ref) <= F32_RTOL
+
+
+def test_mistral_folder_converts(tmp_path: Path) -> None:
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes((DATA_DIR / "mistral_v3_tiny_tokenizer.model")
+                                             .read_bytes())
+    config = MistralConfig(
+        vocab_size=700, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, max_position_embeddings=256, sliding_window=None,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(3)
+    model = randomize(MistralForCausalLM(config), 3)
+    model.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+        "chat_template": (DATA_DIR / "chat_templates" / "Mistral-7B-Instruct-v0.3.jinja")
+        .read_text(encoding="utf-8")}))
+    convert(folder, tmp_path / "f32.gguf", outtype="f32")
+    mf = open_model_file(tmp_path / "f32.gguf")
+    assert mf.config.rope_base == 1000000.0 and mf.config.n_kv_heads == 1
+    ours, ref = logits_pair(model, tmp_path / "f32.gguf", tokens(700, 40))
+    assert rel_err(ours, ref) <= F32_RTOL
+    tok = Tokenizer.from_metadata(mf.metadata)
+    assert tok.encode("[INST] hi[/INST]", special=True)[:2] == [1, tok.tokens.index("[INST]")]
+    assert {tok.tokens[i] for i in tok.eog_ids} == {"</s>"}

@@ -6,10 +6,13 @@
   matters; rope_freqs.weight is what transformers divides its frequencies by.
 - linear rope_scaling becomes llama.cpp's `llama.rope.scaling.*` keys, same logits.
 - A tiny MistralForCausalLM folder with a Mistral v3 SentencePiece tokenizer converts the same way.
+- A Meta Llama 3.1 folder (params.json with use_scaled_rope, tiktoken tokenizer.model) gives the
+  same file as the Hugging Face folder of the same weights.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -18,12 +21,14 @@ import pytest
 import torch
 from alpaca_convert import convert
 from conftest import DATA_DIR
+from hf_tiny import save_meta
 from llama3_mistral_vocab import LLAMA3_SPECIAL, train_llama3_bpe
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import alpaca_cpu
 from alpaca_cpu.gguf_file import open_model_file
 from alpaca_cpu.tokenizer import Tokenizer
+from alpaca_cpu.tokenizer_bpe import byte_level_to_bytes
 
 # Largest |logit difference| / largest |logit| between our engine on the converted F32 file
 # and transformers on the checkpoint (float32 weights and KV cache in both; only summation
@@ -49,13 +54,14 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def llama3_folder(folder: Path, tied: bool, rope_scaling: dict | None = LLAMA3_SCALING,
-                  seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
+                  seed: int = 0, extra_rows: int = 0) -> tuple[Path, LlamaForCausalLM]:
+    """extra_rows: embedding rows past the tokenizer's tokens (Meta's reserved specials)."""
     folder.mkdir(parents=True)
     train_llama3_bpe(folder / "tokenizer.json")
     n_vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) \
         + len(LLAMA3_SPECIAL)
     config = LlamaConfig(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        vocab_size=n_vocab + extra_rows, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
         rope_theta=500000.0, rope_scaling=rope_scaling, max_position_embeddings=256,
         tie_word_embeddings=tied, bos_token_id=n_vocab - 8, eos_token_id=n_vocab - 4)
@@ -157,3 +163,62 @@ def test_mistral_folder_converts(tmp_path: Path) -> None:
     tok = Tokenizer.from_metadata(mf.metadata)
     assert tok.encode("[INST] hi[/INST]", special=True)[:2] == [1, tok.tokens.index("[INST]")]
     assert {tok.tokens[i] for i in tok.eog_ids} == {"</s>"}
+
+
+def tiktoken_file(tokenizer_json: Path, path: Path) -> Path:
+    """Meta's tokenizer.model format (base64 token bytes and rank per line) for the base
+    vocabulary of a byte-level BPE tokenizer.json, ranks = ids (as in Llama 3's files)."""
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    lines = [f"{base64.b64encode(byte_level_to_bytes(text)).decode()} {i}"
+             for text, i in sorted(vocab.items(), key=lambda kv: kv[1])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_meta_llama31_checkpoint_equals_the_hugging_face_conversion(tmp_path: Path) -> None:
+    """params.json with use_scaled_rope and a tiktoken tokenizer.model: the same tensors
+    (rope_freqs.weight included) and the same vocabulary as the Hugging Face folder of the same
+    model, whose rope_scaling is what Meta's use_scaled_rope means."""
+    meta_scaling = LLAMA3_SCALING | {"original_max_position_embeddings": 8192}
+    hf, model = llama3_folder(tmp_path / "hf", tied=False, rope_scaling=meta_scaling,
+                              extra_rows=8)
+    spec = tiktoken_file(hf / "tokenizer.json", tmp_path / "tokenizer.model")
+    meta = save_meta(model, tmp_path / "original", 2, spec)
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps(params | {
+        "rope_theta": 500000.0, "use_scaled_rope": True}))
+    convert(hf, tmp_path / "hf.gguf", outtype="f32")
+    convert(meta, tmp_path / "meta.gguf", outtype="f32")
+    a, b = open_model_file(tmp_path / "hf.gguf"), open_model_file(tmp_path / "meta.gguf")
+    assert a.tensors.keys() == b.tensors.keys() and "rope_freqs.weight" in b.tensors
+    for name, t in a.tensors.items():
+        assert np.array_equal(t.data, b.tensors[name].data), name
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.merges"):
+        assert b.metadata[key] == a.metadata[key], key
+    n_base = a.config.n_vocab - len(LLAMA3_SPECIAL) - 8  # then Meta's special tokens
+    assert b.metadata["tokenizer.ggml.tokens"][:n_base] == a.metadata["tokenizer.ggml.tokens"][:n_base]
+    assert b.metadata["tokenizer.ggml.tokens"][n_base:] == [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+        *(f"<|reserved_special_token_{i}|>" for i in range(2, 7))]
+    assert b.metadata["tokenizer.ggml.bos_token_id"] == n_base
+    assert b.metadata["llama.context_length"] == 131072
+    tok = Tokenizer.from_metadata(b.metadata)
+    assert {tok.tokens[i] for i in tok.eog_ids} == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
+    ids = tokens(a.config.n_vocab)
+    ours, ref = logits_pair(model, tmp_path / "meta.gguf", ids)
+    assert rel_err(ours, ref) <= F32_RTOL
+
+
+def test_tiktoken_file_errors(tmp_path: Path) -> None:
+    from alpaca_convert.errors import ConvertError
+    from alpaca_convert.tokenizer_tiktoken import tiktoken_vocab
+
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text("YQ== 0\nYg== 2\n")
+    with pytest.raises(ConvertError, match="line 2 has rank 2, expected 1"):
+        tiktoken_vocab(bad, 16)
+    bad.write_text("YQ== 0\nYWJj 1\n")  # "abc" with no way to make it from "a"
+    with pytest.raises(ConvertError, match=r"token b'abc' \(rank 1\) cannot be made"):
+        tiktoken_vocab(bad, 16)

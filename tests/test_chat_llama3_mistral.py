@@ -184,3 +184,26 @@ def test_chat_stops_at_end_of_generation_tokens(tmp_path: Path, llama3_md: dict[
                                         logit_bias={end_id: -1e9})
     assert banned["choices"][0]["finish_reason"] == "length"
     assert banned["choices"][0]["message"]["content"].startswith("Blue.")
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["file-template", "builtin-llama-3"])
+def test_alpaca_chat_one_shot_on_a_llama3_file(tmp_path: Path, llama3_md: dict[str, Any],
+                                               template: bool) -> None:
+    """alpaca-chat on a Llama-3 file: the file's template (or --chat-format llama-3 for a file
+    without one), the answer printed, generation ended by <|eot_id|>."""
+    from test_chat_cli import SMALL, env_for, run_chat
+
+    md = dict(llama3_md)
+    if not template:
+        del md["tokenizer.chat_template"]
+    tok = Tokenizer.from_metadata(md)
+    last = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_bos=False,
+                      special=True)[-1]
+    words = tok.encode("Blue.", add_bos=False)
+    chain = dict(zip([last, *words], [*words, tok.tokens.index("<|eot_id|>")]))
+    path = chain_model(tmp_path / "m.gguf", md, chain)
+    args = ["-m", str(path), *SMALL, "--temp", "0", "-p", "Name a colour."]
+    proc = run_chat(args + ([] if template else ["--chat-format", "llama-3"]),
+                    env_for(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Blue.\n"

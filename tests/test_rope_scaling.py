@@ -184,3 +184,16 @@ def test_scaling_type_none_ignores_the_factor(tmp_path: Path) -> None:
     assert alpaca_cpu.Model(none, n_ctx=16).config.rope_scaling_factor == 1.0
     np.testing.assert_array_equal(alpaca_cpu.Model(none, n_ctx=16).forward(TINY_TOKENS[:8]),
                                   alpaca_cpu.Model(plain, n_ctx=16).forward(TINY_TOKENS[:8]))
+
+
+def test_requantizing_keeps_the_scaling(tmp_path: Path) -> None:
+    from alpaca_convert import convert
+
+    from alpaca_cpu.gguf_file import open_model_file
+
+    for name in TINY_CASES:
+        src = tiny_scaled_model(tmp_path, name)
+        convert(src, tmp_path / f"{name}.q8_0.gguf", outtype="q8_0")
+        a, b = open_model_file(src), open_model_file(tmp_path / f"{name}.q8_0.gguf")
+        assert b.config.rope_scaling_factor == a.config.rope_scaling_factor
+        np.testing.assert_array_equal(b.rope_divisors(), a.rope_divisors())

@@ -222,3 +222,35 @@ def test_tiktoken_file_errors(tmp_path: Path) -> None:
     bad.write_text("YQ== 0\nYWJj 1\n")  # "abc" with no way to make it from "a"
     with pytest.raises(ConvertError, match=r"token b'abc' \(rank 1\) cannot be made"):
         tiktoken_vocab(bad, 16)
+
+
+@pytest.mark.parametrize("args", [
+    (500000.0, 128, 8.0, 1.0, 4.0, 8192),    # Llama 3.1 8B / 70B / 405B
+    (500000.0, 64, 32.0, 1.0, 4.0, 8192),    # Llama 3.2 1B
+    (500000.0, 128, 32.0, 1.0, 4.0, 8192),   # Llama 3.2 3B
+    (100000.0, 64, 8.0, 1.0, 4.0, 8192),     # the SmolLM2 golden case
+    (500000.0, 16, 8.0, 1.0, 4.0, 64),       # the tiny models here
+])
+def test_rope_freqs_are_bit_identical_to_llama_cpps_converter(args: tuple) -> None:
+    """llama.cpp's convert_hf_to_gguf computes them with torch float32 tensors; so do we,
+    without torch (the converter must run on safetensors alone)."""
+    import math
+
+    from alpaca_convert.rope_scaling import llama3_rope_freqs
+
+    base, dim, factor, low, high, context = args
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    expected = []
+    for freq in freqs:  # the formula as llama.cpp's converter writes it, on torch scalars
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            expected.append(1)
+        elif wavelen > context / low:
+            expected.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            expected.append(1 / ((1 - smooth) / factor + smooth))
+    expected = torch.tensor(expected, dtype=torch.float32).numpy()
+    ours = llama3_rope_freqs(*args)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))

@@ -237,19 +237,12 @@ def test_rope_freqs_are_bit_identical_to_llama_cpps_converter(args: tuple) -> No
     import math
 
     from alpaca_convert.rope_scaling import llama3_rope_freqs
+    from test_rope_scaling import llama3_formula
 
     base, dim, factor, low, high, context = args
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    expected = []
-    for freq in freqs:  # the formula as llama.cpp's converter writes it, on torch scalars
-        wavelen = 2 * math.pi / freq
-        if wavelen < context / high:
-            expected.append(1)
-        elif wavelen > context / low:
-            expected.append(factor)
-        else:
-            smooth = (context / wavelen - low) / (high - low)
-            expected.append(1 / ((1 - smooth) / factor + smooth))
+    wavelengths = [2 * math.pi / freq for freq in freqs]  # torch float32 scalars
+    expected = llama3_formula(wavelengths, factor, low, high, context)
     expected = torch.tensor(expected, dtype=torch.float32).numpy()
     ours = llama3_rope_freqs(*args)
     assert ours.dtype == np.float32

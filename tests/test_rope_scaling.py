@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,21 +36,28 @@ GOLDEN = json.loads((DATA_DIR / "smollm2_kquants_greedy.json").read_text())["mod
 ENGINE_VS_REFERENCE_ATOL = 2e-3
 
 
-def llama3_divisors_float64(base: float, head_dim: int, factor: float, low: float, high: float,
-                            original_context: int) -> np.ndarray:
-    """Llama 3's per-frequency RoPE divisors in float64, rounded to float32 at the end: how the
-    Q4_1_rope3 reference file's values were computed (its sha256 confirms it)."""
+def llama3_formula(wavelengths: Iterable[Any], factor: float, low: float, high: float,
+                   original_context: int) -> list[Any]:
+    """Meta's Llama-3 scaling, as written in its reference code and llama.cpp's converter, on
+    whatever number type the wavelengths have (float64 here, torch float32 tensors elsewhere)."""
     out = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * base ** (i / head_dim)
+    for wavelen in wavelengths:
         if wavelen < original_context / high:
-            out.append(1.0)
+            out.append(1)
         elif wavelen > original_context / low:
             out.append(factor)
         else:
             smooth = (original_context / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, np.float32)
+    return out
+
+
+def llama3_divisors_float64(base: float, head_dim: int, factor: float, low: float, high: float,
+                            original_context: int) -> np.ndarray:
+    """Llama 3's per-frequency RoPE divisors in float64, rounded to float32 at the end: how the
+    Q4_1_rope3 reference file's values were computed (its sha256 confirms it)."""
+    wavelengths = [2 * math.pi * base ** (i / head_dim) for i in range(0, head_dim, 2)]
+    return np.array(llama3_formula(wavelengths, factor, low, high, original_context), np.float32)
 
 
 def with_extra_tensor(src: Path, dst: Path, name: str, values: np.ndarray) -> Path:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def llama3_folder(folder: Path, tied: bool, rope_scaling: dict | None = LLAMA3_S
     return folder, model
 
 
+CONVERTED_POSITIONS = [*range(0, N_POSITIONS, 10), N_POSITIONS - 1]
+
+
+def converted_tokens() -> list[int]:
+    """The ids tests/data/rope_scaling_llama_cpp.json has llama.cpp's logits for."""
+    return tokens(608)
+
+
 def tokens(n_vocab: int, n: int = N_POSITIONS) -> list[int]:
     return [int(t) for t in np.random.default_rng(5).integers(0, n_vocab - 8, n)]
 
@@ -110,6 +119,24 @@ def test_llama3_logits_match_transformers(tmp_path: Path, tied: bool) -> None:
     tok = Tokenizer.from_metadata(mf.metadata)
     assert {tok.tokens[i] for i in tok.eog_ids} == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
     assert mf.metadata["tokenizer.chat_template"].startswith("{{- bos_token }}")
+
+
+# llama.cpp keeps K/V in F16 (our default too): ~1e-4 of the largest logit on this model.
+LLAMA_CPP_RTOL = 1e-3
+
+
+def test_converted_file_matches_llama_cpp(tmp_path: Path) -> None:
+    """The file convert-weights writes gives llama.cpp's logits (measured once: the file's
+    sha256 and llama.cpp's logits are in tests/data/rope_scaling_llama_cpp.json)."""
+    ref = json.loads((DATA_DIR / "rope_scaling_llama_cpp.json").read_text())["converted_hf_llama3"]
+    folder, _ = llama3_folder(tmp_path / "hf", tied=False)
+    convert(folder, tmp_path / "f32.gguf", outtype="f32")
+    digest = hashlib.sha256((tmp_path / "f32.gguf").read_bytes()).hexdigest()
+    assert digest == ref["sha256"], "the converted file differs from the one llama.cpp ran"
+    theirs = np.array(ref["logits"], np.float32)
+    ours = alpaca_cpu.Model(tmp_path / "f32.gguf", n_ctx=128).forward(
+        converted_tokens(), all_logits=True)[ref["positions"]]
+    assert rel_err(ours, theirs) <= LLAMA_CPP_RTOL
 
 
 def test_plain_rope_would_not_match(tmp_path: Path) -> None:

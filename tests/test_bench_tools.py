@@ -442,6 +442,23 @@ def test_compare_decode_at_depth_from_batched_bench(compare: ModuleType) -> None
     assert tg["avg_ns"] == pytest.approx(3e9, rel=DERIVED_TS_RTOL)
 
 
+def test_compare_summary_per_isa(compare: ModuleType) -> None:
+    """--isa: each of our ISAs is its own comparison with llama.cpp, and also a ratio to the
+    first ISA named, per test; medians over rounds."""
+    rows = []
+    for round_no, (avx2, avx512) in enumerate([(100.0, 150.0), (110.0, 160.0), (90.0, 170.0)]):
+        for isa, ts in (("avx2", avx2), ("avx512_vnni", avx512)):
+            rows.append({"round": round_no, "model": "m.gguf", "n_threads": 2, "test": "pp512",
+                         "api": "model", "isa": isa, "alpaca_ts": ts, "llama_cpp_ts": 50.0,
+                         "ratio": ts / 50.0})
+    base, wide = compare.summarize(rows)
+    assert (base["isa"], base["alpaca_ts"], base["ratio"]) == ("avx2", 100.0, 2.0)
+    assert "isa_ratio" not in base
+    assert (wide["isa"], wide["alpaca_ts"], wide["vs_isa"]) == ("avx512_vnni", 160.0, "avx2")
+    assert wide["isa_ratio"] == pytest.approx(1.6, rel=DERIVED_TS_RTOL)
+    assert wide["rounds"] == 3
+
+
 # ---- benchmarks/make_random_model.py ---------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
           f"({args.parallel} slots of {n_ctx} tokens, {llama.model.n_threads} threads, "
           f"{llama.model.isa}){'; API key required' if settings.api_key else ''}",
           file=sys.stderr, flush=True)
+    # uvicorn handles SIGINT / SIGTERM while it runs (stop accepting, drain, shut down) and
+    # raises them again afterwards for the handlers it found: these, so the exit status is 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     print(f"{PROG}: stopped", file=sys.stderr, flush=True)
     return 0

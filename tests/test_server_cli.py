@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +34,15 @@ def free_port() -> int:
 
 
 def start(tiny_path: Path, *args: str, env: dict[str, str] | None = None):
+    """alpaca-server in a subprocess on a free port; its stderr goes to proc.stderr, a
+    temporary file (a pipe nobody reads would fill up with the access log and block it)."""
     port = free_port()
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115  (the caller closes it with proc)
     proc = subprocess.Popen(
         [sys.executable, "-m", "alpaca_cpu.server.cli", "-m", str(tiny_path), "--port",
          str(port), "-c", "2048", "--parallel", "2", "-t", "1", "--chat-format", "chatml",
-         *args], stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+         *args], stderr=err, text=True, env={**os.environ, **(env or {})})
+    proc.stderr = err
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -48,7 +53,9 @@ def start(tiny_path: Path, *args: str, env: dict[str, str] | None = None):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"alpaca-server did not start: {proc.communicate()[1]}")
+            proc.wait()
+            err.seek(0)
+            raise AssertionError(f"alpaca-server did not start: {err.read()}")
         time.sleep(0.05)
 
 
@@ -77,6 +84,7 @@ def test_a_signal_drains_and_exits_0(tiny_path: Path, sig: signal.Signals) -> No
                 pass
         assert proc.wait(DRAIN_SECONDS + EXIT_MARGIN_S) == 0
         assert time.monotonic() - t0 <= DRAIN_SECONDS + EXIT_MARGIN_S
+        proc.stderr.seek(0)
         err = proc.stderr.read()
         # One access-log line per request, with its status.
         assert '"GET /v1/models" 401' in err and '"GET /v1/models" 200' in err

@@ -57,7 +57,9 @@ class ServerSettings:
     max_queue: int = 64  # requests waiting for a slot; more get 503 + Retry-After
     max_tokens_limit: int = 32768  # a request's max_tokens above this is a 400
     max_body_bytes: int = 1 << 20  # larger request bodies are a 413
-    n_batch: int = 512  # tokens per scheduler step (decode tokens + prompt chunks)
+    # tokens per scheduler step (decode tokens + prompt chunks): a bound on how long running
+    # streams wait while a long prompt is prefilled, and on a short request's first token
+    n_batch: int = 256
     retry_after_s: int = 1
 
 

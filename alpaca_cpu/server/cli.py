@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context per slot in tokens; 0 = the model's training context")
     p.add_argument("--parallel", type=_int_at_least(1), default=4, metavar="N",
                    help="requests decoded together (KV cache slots of -c tokens each)")
+    p.add_argument("-b", "--batch-size", type=_int_at_least(1), default=256, metavar="N",
+                   help="tokens per engine step: every running stream's next token, then "
+                        "chunks of prompts being prefilled")
     p.add_argument("-t", "--threads", type=_int_at_least(1), default=None, metavar="N",
                    help="threads (default: one per physical core)")
     p.add_argument("--chat-format", choices=BUILTIN_FORMATS, default=None,
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_id=args.alias or Path(path).name.removesuffix(".gguf"),
                               api_key=args.api_key or None, max_queue=args.max_queue,
                               max_tokens_limit=args.max_tokens_limit,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes, n_batch=args.batch_size)
     app = create_app(llama, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                             log_level="info" if args.verbose else "warning",

@@ -124,7 +124,7 @@ class Stats:
 class Scheduler:
     """Owns `llama`'s model (its n_seq_max slots); run() is the loop of the owning thread."""
 
-    def __init__(self, llama: Llama, max_queue: int = 64, n_batch: int = 512) -> None:
+    def __init__(self, llama: Llama, max_queue: int = 64, n_batch: int = 256) -> None:
         self.llama = llama
         self.model = llama.model
         self.n_ctx = llama.n_ctx()

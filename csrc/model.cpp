@@ -217,15 +217,17 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
   attn_o_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
   const size_t max_parts = size_t(hp.n_kv_heads * max_attention_parts(pool_.size(), hp.n_kv_heads));
-  part_o_.resize(max_parts * max_q * hp.head_dim);
-  part_log_sum_.resize(max_parts * max_q);
+  // Every run of a batch (at most one per slot) may split its positions: a region each.
+  part_rows_per_run_ = max_parts * size_t(max_q);
+  part_o_.resize(size_t(n_slots) * part_rows_per_run_ * hp.head_dim);
+  part_log_sum_.resize(size_t(n_slots) * part_rows_per_run_);
   slot_len_.assign(size_t(n_slots), 0);
   tok_pos_.resize(B);
   tok_slot_.resize(B);
   out_rows_.reserve(B);
   runs_.reserve(B);
   plans_.reserve(B);
-  tasks_.reserve(size_t(B) + max_parts);
+  tasks_.reserve(size_t(B) + size_t(n_slots) * max_parts);
 }
 
 void Model::embed(int32_t token, float* out) {
@@ -315,7 +317,7 @@ void Model::round_to_f16(float* x, int64_t n) const {
   }
 }
 
-void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs, bool split) {
+void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
   const int64_t n_kv = hp_.n_kv_heads, group = hp_.n_heads / hp_.n_kv_heads;
   const int64_t tpt = tokens_per_attention_task(group);
   // One plan per run; a task per (block of tpt tokens of a run, part of its positions) and
@@ -335,11 +337,12 @@ void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs, bool sp
     p.tpt = tpt;
     const int64_t n_blocks = (run.n + tpt - 1) / tpt;
     // Positions are split only when one block of tokens holds all the queries (decoding).
-    p.n_parts = !split || n_runs > 1 || n_blocks > 1
-                    ? 1
-                    : std::clamp<int64_t>((run.start_pos + run.n) / kMinPartPositions, 1,
-                                          max_attention_parts(pool_.size(), n_kv));
+    // The split depends on this run alone, never on the others in the batch.
+    p.n_parts = !run.may_split || n_blocks > 1 ? 1
+                             : std::clamp<int64_t>((run.start_pos + run.n) / kMinPartPositions, 1,
+                                                   max_attention_parts(pool_.size(), n_kv));
     p.part_len = (run.start_pos + run.n + p.n_parts - 1) / p.n_parts;
+    p.part_row0 = size_t(r) * part_rows_per_run_;
     plans_.push_back(p);
     macs += run.n * (run.start_pos + run.n) * hp_.n_heads * hp_.head_dim;
   }
@@ -375,7 +378,7 @@ void Model::attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t p
   const int64_t p0 = std::min(n_pos, part * p.part_len), len = std::min(n_pos - p0, p.part_len);
   float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;        // (n_q, hd), query (t, h)
   float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
-  const size_t slot = size_t(g * p.n_parts + part) * max_q;
+  const size_t slot = p.part_row0 + size_t(g * p.n_parts + part) * max_q;
   float* obuf = p.n_parts > 1 ? part_o_.data() + slot * hd  // (n_q, hd)
                               : attn_o_.data() + size_t(thread) * max_q * hd;
   for (int64_t t = 0; t < nt; t++)
@@ -417,12 +420,12 @@ void Model::merge_parts(const AttentionPlan& p) {
     for (int64_t i = 0; i < p.n * group; i++) {
       float top = -INFINITY;
       for (int64_t part = 0; part < p.n_parts; part++)
-        top = std::max(top, part_log_sum_[size_t(g * p.n_parts + part) * max_q + i]);
+        top = std::max(top, part_log_sum_[p.part_row0 + size_t(g * p.n_parts + part) * max_q + i]);
       float* out = att_.data() + (p.base + i / group) * q_dim + (g * group + i % group) * hd;
       std::fill(out, out + hd, 0.0f);
       float total = 0.0f;
       for (int64_t part = 0; part < p.n_parts; part++) {
-        const size_t slot = size_t(g * p.n_parts + part) * max_q + i;
+        const size_t slot = p.part_row0 + size_t(g * p.n_parts + part) * max_q + i;
         const float w = std::exp(part_log_sum_[slot] - top);
         const float* o = part_o_.data() + slot * hd;
         for (int64_t d = 0; d < hd; d++) out[d] += w * o[d];
@@ -462,11 +465,11 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool al
   for (int64_t b = 0; b < n; b += kMaxBatch) {
     const int64_t nb = std::min(kMaxBatch, n - b);
     const bool last = b + nb == n;
-    const SeqRun run{0, start_pos + b, 0, nb};
+    const SeqRun run{0, start_pos + b, 0, nb, true};
     out_rows_.clear();
     for (int64_t t = all_logits ? 0 : (last ? nb - 1 : nb); t < nb; t++) out_rows_.push_back(t);
     float* out = all_logits ? logits + size_t(b) * hp_.n_vocab : logits;
-    forward_batch(tokens + b, nb, &run, 1, true, out_rows_.data(), int64_t(out_rows_.size()),
+    forward_batch(tokens + b, nb, &run, 1, out_rows_.data(), int64_t(out_rows_.size()),
                   false, out);
   }
 }
@@ -526,8 +529,9 @@ void Model::forward_seqs(const int32_t* tokens, const int32_t* seq, const int64_
                                   " leaves a gap after the " +
                                   std::to_string(slot_len_[size_t(seq[i])]) + " positions slot " +
                                   std::to_string(seq[i]) + " holds");
-    runs.push_back({seq[i], pos[i], i, 1});
+    runs.push_back({seq[i], pos[i], i, 1, false});
   }
+  for (SeqRun& r : runs) r.may_split = r.n == 1;  // a decode step
   for (const SeqRun& r : runs) slot_len_[size_t(r.slot)] = r.start_pos + r.n;
   // Batches of up to kMaxBatch tokens; a run that crosses a batch boundary goes on in the next.
   const int64_t width = hidden ? hp_.dim : hp_.n_vocab;
@@ -547,14 +551,14 @@ void Model::forward_seqs(const int32_t* tokens, const int32_t* seq, const int64_
     out_rows_.clear();
     for (int64_t t = 0; t < nb; t++)
       if (want[b + t]) out_rows_.push_back(t);
-    forward_batch(tokens + b, nb, runs_.data(), int64_t(runs_.size()), false, out_rows_.data(),
+    forward_batch(tokens + b, nb, runs_.data(), int64_t(runs_.size()), out_rows_.data(),
                   int64_t(out_rows_.size()), hidden, out);
     out += out_rows_.size() * size_t(width);
   }
 }
 
 void Model::forward_batch(const int32_t* tokens, int64_t n, const SeqRun* runs, int64_t n_runs,
-                          bool split, const int64_t* out_rows, int64_t n_out, bool hidden,
+                          const int64_t* out_rows, int64_t n_out, bool hidden,
                           float* out) {
   const int64_t dim = hp_.dim, hd = hp_.head_dim;
   const int64_t q_dim = hp_.n_heads * hd, kv_dim = hp_.n_kv_heads * hd, ffn = hp_.ffn_dim;
@@ -587,7 +591,7 @@ void Model::forward_batch(const int32_t* tokens, int64_t n, const SeqRun* runs, 
       }
     }
     // att = softmax(q k^T / sqrt(hd)) v, causal within each sequence, per head
-    attention(l, runs, n_runs, split);
+    attention(l, runs, n_runs);
     // x += att @ Wo.T
     matmuls(att_.data(), n, q_dim, {{&L.attn_output, proj_.data(), dim}});
     for (int64_t i = 0; i < n * dim; i++) x_[i] += proj_[i];

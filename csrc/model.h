@@ -160,15 +160,18 @@ class Model {
  private:
   Matrix load_matrix(const std::map<std::string, TensorIn>& tensors, const std::string& name,
                      int64_t rows, int64_t cols);
-  // Tokens [base, base + n) of a batch: positions start_pos.. of one slot.
+  // Tokens [base, base + n) of a batch: positions start_pos.. of one slot. may_split: whether
+  // attention may split this run's positions over threads when it is one block of queries
+  // (Model::attention): always for forward; in forward_seqs only for a run of one token (a
+  // decode step), whose length no batching can change.
   struct SeqRun {
     int64_t slot, start_pos, base, n;
+    bool may_split;
   };
-  // The forward pass of up to kMaxBatch tokens made of runs; split: attention may split a
-  // single run's positions over threads (Model::attention). Writes out_rows' logits, or their
-  // normed hidden states when hidden.
+  // The forward pass of up to kMaxBatch tokens made of runs (at most one per slot). Writes
+  // out_rows' logits, or their normed hidden states when hidden.
   void forward_batch(const int32_t* tokens, int64_t n, const SeqRun* runs, int64_t n_runs,
-                     bool split, const int64_t* out_rows, int64_t n_out, bool hidden, float* out);
+                     const int64_t* out_rows, int64_t n_out, bool hidden, float* out);
   void check_slot(int64_t slot, const char* what) const;
   struct MatmulJob {
     const Matrix* w;
@@ -185,12 +188,13 @@ class Model {
     int64_t tpt;       // tokens per block of queries (tokens_per_attention_task)
     int64_t n_parts;   // parts the positions of each KV head are split into (1: no split)
     int64_t part_len;  // positions per part
+    size_t part_row0;  // this run's region of part_o_ / part_log_sum_ (rows)
   };
   // att = softmax(q k^T / sqrt(head_dim)) v for the batch, causal within each run's slot:
-  // plans the tasks, runs them, merges split positions. Positions are split only for a lone
-  // run when split is set (forward); forward_seqs never splits, so that every token's
-  // reductions keep one order whatever the batch holds.
-  void attention(int64_t layer, const SeqRun* runs, int64_t n_runs, bool split);
+  // plans the tasks, runs them, merges split positions. How a run is split depends on that
+  // run only (SeqRun::may_split), so every token's reductions keep one order whatever the
+  // batch holds.
+  void attention(int64_t layer, const SeqRun* runs, int64_t n_runs);
   // One task: the queries of the block of tokens from t0 that share KV head g, against part
   // `part` of the positions they see. Writes att_ (n_parts == 1) or the part's slot in part_o_
   // and part_log_sum_.
@@ -245,8 +249,10 @@ class Model {
   // (max_q, n_ctx) and outputs (max_q, head_dim); see Model::attention.
   Scratch attn_q_, scores_, attn_o_;
   // Decoding splits each KV head's positions into parts (Model::attention): every part's
-  // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (kv head, part).
+  // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (run, kv head, part);
+  // a region of part_rows_per_run_ rows per run, n_slots regions.
   Scratch part_o_, part_log_sum_;
+  size_t part_rows_per_run_ = 0;
   std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
   // One batch's layout, allocated once: (batch) position and slot of each token, its runs,
   // the rows whose logits are wanted, and the attention tasks (plan, first token, kv head).

@@ -109,6 +109,24 @@ def test_streams_equal_the_whole_answer(client: openai.OpenAI) -> None:
             if c.choices[0].logprobs] == pytest.approx(lp.token_logprobs)
 
 
+def test_chat_logprobs(client: openai.OpenAI, reference: Llama) -> None:
+    msgs = chat_messages(4)
+    got = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
+                                         temperature=0, logit_bias=NO_EOS, logprobs=True,
+                                         top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == got.choices[0].message.content
+    want = reference(reference.render_chat(msgs), max_tokens=6, temperature=0, logprobs=3,
+                     logit_bias={EOS: -100})["choices"][0]["logprobs"]
+    assert [c.logprob for c in content] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    for c in content:
+        assert 1 <= len(c.top_logprobs) <= 3 and bytes(c.bytes).decode() == c.token
+    streamed = [c.choices[0].logprobs.content[0].logprob for c in client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0, logit_bias=NO_EOS,
+        logprobs=True, stream=True) if c.choices and c.choices[0].logprobs]
+    assert streamed == pytest.approx([c.logprob for c in content], abs=1e-5)
+
+
 def test_stop_strings_never_leak_in_a_stream(client: openai.OpenAI) -> None:
     full = client.completions.create(model="tiny", prompt="the", max_tokens=30, temperature=0,
                                      logit_bias=NO_EOS).choices[0].text

@@ -64,7 +64,10 @@ def test_defaults() -> None:
     assert (args.host, args.port, args.parallel) == ("127.0.0.1", 8080, 4)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# Ctrl-C takes the same path as SIGTERM in uvicorn: its run is under `slow` (a process start
+# costs ~2 s of the default suite).
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT,
+                                                              marks=pytest.mark.slow)])
 def test_a_signal_drains_and_exits_0(tiny_path: Path, sig: signal.Signals) -> None:
     proc, url = start(tiny_path, env={"ALPACA_API_KEY": "k3y"})
     try:

@@ -354,3 +354,26 @@ def test_a_full_queue_answers_503(tiny_path: Path) -> None:
         running.close()
         queued.join(10)
         assert not queued.is_alive()
+
+
+@pytest.mark.real_model
+def test_smollm2_concurrent_chats_equal_the_library_alone(smollm2_path: Path) -> None:
+    """The real model (quantized weights and activations): 4 chats at once through the
+    server, each exactly what the library answers alone."""
+    questions = ["Name three primary colors.", "What is the capital of France?",
+                 "Give me one tip for better sleep.", "Say hello in Spanish."]
+    lib = Llama(smollm2_path, n_ctx=512, n_threads=2)
+    alone = [lib.create_chat_completion([{"role": "user", "content": q}], temperature=0,
+                                        max_tokens=24)["choices"][0]["message"]["content"]
+             for q in questions]
+    llama = Llama(smollm2_path, n_ctx=512, n_threads=2, n_seq_max=4)
+    with running_server(llama, model_id="smollm2") as s:
+        async def ask(c: openai.AsyncOpenAI, q: str) -> str:
+            r = await c.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                                messages=[{"role": "user", "content": q}])
+            return r.choices[0].message.content
+
+        async def together() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=s.v1, api_key="x", max_retries=0) as c:
+                return await asyncio.gather(*(ask(c, q) for q in questions))
+        assert asyncio.run(together()) == alone

@@ -357,6 +357,7 @@ def test_a_full_queue_answers_503(tiny_path: Path) -> None:
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_smollm2_concurrent_chats_equal_the_library_alone(smollm2_path: Path) -> None:
     """The real model (quantized weights and activations): 4 chats at once through the
     server, each exactly what the library answers alone."""

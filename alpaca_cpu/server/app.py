@@ -197,7 +197,8 @@ class _Metrics:
 
 def create_app(llama: Llama, settings: ServerSettings,
                scheduler: Scheduler | None = None) -> FastAPI:
-    """The server's ASGI app over `llama` (whose n_seq_max slots the scheduler uses)."""
+    """The server's ASGI app over `llama`, whose model (its n_seq_max slots) the scheduler's
+    thread owns from the app's start to its end: do not generate with `llama` meanwhile."""
     sched = scheduler or Scheduler(llama, max_queue=settings.max_queue, n_batch=settings.n_batch)
     metrics = _Metrics(sched)
     created = int(time.time())

@@ -284,7 +284,7 @@ def create_app(llama: Llama, settings: ServerSettings,
         while True:
             try:
                 return await asyncio.wait_for(ch.queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
                 if await request.is_disconnected():
                     req.cancelled.set()
                     sched.wake()

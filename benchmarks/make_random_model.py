@@ -206,15 +206,15 @@ def random_tensor(t: PlannedTensor, rng: np.random.Generator, n_threads: int) ->
     """The tensor's bytes as written to the file: F32/F16 values or GGML blocks (uint8)."""
     if t.values is not None:
         return t.values
-    if t.type == T.F32:
-        return np.ones(t.shape, np.float32)
+    if len(t.shape) == 1:
+        return np.ones(t.shape, np.float32)  # norms
     rows, cols = t.shape
-    if t.type == T.F16:
-        out = np.empty((rows, cols), np.float16)
+    if t.type in (T.F32, T.F16):
+        out = np.empty((rows, cols), np.float32 if t.type == T.F32 else np.float16)
     else:
         out = np.empty((rows, t.nbytes // rows), np.uint8)
     for r0, chunk in _random_rows(rows, cols, t.scale, rng):
-        out[r0 : r0 + len(chunk)] = (chunk if t.type == T.F16
+        out[r0 : r0 + len(chunk)] = (chunk if t.type in (T.F32, T.F16)
                                      else _core.quantize(chunk, int(t.type), n_threads))
     return out
 

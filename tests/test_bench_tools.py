@@ -626,6 +626,20 @@ def test_compare_runs_a_kquant_mix(make_random_model: ModuleType, compare: Modul
     assert {r["model_type"] for r in result["alpaca"]} == {"llama 2M Q4_K_M"}
 
 
+def test_random_model_f32_mix_has_random_matrices(make_random_model: ModuleType,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "f32.gguf"
+    assert make_random_model.main([*CUSTOM, "--mix", "f32", "-o", str(out)]) == 0
+    for name, t in open_model_file(out).tensors.items():
+        values = dequantize(t.data, t.type, t.cols)
+        assert t.type == T.F32, name
+        if name.endswith("norm.weight"):
+            assert np.all(values == 1.0), name
+        else:  # uniform noise of the tensor's scale, not the norms' ones
+            bound = math.sqrt(3.0) if name == "token_embd.weight" else math.sqrt(3.0 / t.cols)
+            assert np.abs(values).max() <= bound and values.std() > bound / 3, name
+
+
 def test_random_model_tied_mix_gives_embedding_output_type(make_random_model: ModuleType,
                                                            tmp_path: Path) -> None:
     out = tmp_path / "tied.gguf"

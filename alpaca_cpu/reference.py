@@ -8,7 +8,7 @@ imports the native extension.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,6 +60,15 @@ class ReferenceModel:
         c = self.config
         self.k_cache = np.zeros((c.n_layers, n_ctx, c.n_kv_heads, c.head_dim), np.float32)
         self.v_cache = np.zeros_like(self.k_cache)
+        # Called as observer(weight name, input rows) before each matrix product of a layer
+        # (the importance-matrix collector's hook, alpaca_cpu/imatrix.py); None: nothing.
+        self.observer: Callable[[str, np.ndarray], None] | None = None
+
+    def _mm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x @ W^T for the weight `name`: (n, cols) -> (n, rows)."""
+        if self.observer is not None:
+            self.observer(name, x)
+        return x @ self.w[name].T
 
     def forward(self, tokens: Sequence[int] | np.ndarray, start_pos: int = 0,
                 all_logits: bool = False) -> np.ndarray:
@@ -78,9 +87,9 @@ class ReferenceModel:
             p = f"blk.{i}."
             # attention: xb = rmsnorm(x); q, k, v projections; RoPE; cache
             xb = rmsnorm(x, w[p + "attn_norm.weight"][0], c.rms_eps)
-            q = (xb @ w[p + "attn_q.weight"].T).reshape(n, c.n_heads, c.head_dim)
-            k = (xb @ w[p + "attn_k.weight"].T).reshape(n, c.n_kv_heads, c.head_dim)
-            v = (xb @ w[p + "attn_v.weight"].T).reshape(n, c.n_kv_heads, c.head_dim)
+            q = self._mm(xb, p + "attn_q.weight").reshape(n, c.n_heads, c.head_dim)
+            k = self._mm(xb, p + "attn_k.weight").reshape(n, c.n_kv_heads, c.head_dim)
+            v = self._mm(xb, p + "attn_v.weight").reshape(n, c.n_kv_heads, c.head_dim)
             q = rope(q, pos, c.n_rot, c.rope_base, self.rope_divisors)
             k = rope(k, pos, c.n_rot, c.rope_base, self.rope_divisors)
             self.k_cache[i, start_pos:end] = k
@@ -93,11 +102,11 @@ class ReferenceModel:
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             probs = scores / scores.sum(axis=-1, keepdims=True)
             att = np.einsum("htp,phd->thd", probs, vals).reshape(n, c.q_dim).astype(np.float32)
-            x = x + att @ w[p + "attn_output.weight"].T
+            x = x + self._mm(att, p + "attn_output.weight")
             # feed-forward: SwiGLU
             xb = rmsnorm(x, w[p + "ffn_norm.weight"][0], c.rms_eps)
-            h = silu(xb @ w[p + "ffn_gate.weight"].T) * (xb @ w[p + "ffn_up.weight"].T)
-            x = x + h @ w[p + "ffn_down.weight"].T
+            h = silu(self._mm(xb, p + "ffn_gate.weight")) * self._mm(xb, p + "ffn_up.weight")
+            x = x + self._mm(h, p + "ffn_down.weight")
         out_w = w["token_embd.weight"] if c.tied_embeddings else w["output.weight"]
         xs = x if all_logits else x[-1:]
         logits = rmsnorm(xs, w["output_norm.weight"][0], c.rms_eps) @ out_w.T

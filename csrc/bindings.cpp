@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <optional>
 #include <cstring>
 #include <vector>
 #include <stdexcept>
@@ -13,6 +15,7 @@
 
 #include "dispatch.h"
 #include "model.h"
+#include "quant_search.h"
 
 namespace py = pybind11;
 using namespace alpaca;
@@ -47,7 +50,11 @@ static const KernelTable* table(const std::string& isa) {
 }
 
 // Quantize (rows, cols) floats into GGML blocks, rows split over threads.
-static ByteArray quantize(const FloatArray& x, int type, int n_threads, const std::string& isa) {
+// method "reference": the type table's (GGML-exact) quantizer; "search": the error-minimising
+// one (quant_search.h), weighting each column's squared error by `importance` (cols floats,
+// or None for all ones). Non-finite inputs are refused with their row and column.
+static ByteArray quantize(const FloatArray& x, int type, int n_threads, const std::string& isa,
+                          const std::string& method, const std::optional<FloatArray>& importance) {
   if (x.ndim() != 2) throw std::invalid_argument("quantize: expected a 2-D float32 array");
   const GgmlType t = to_type(type);
   const TypeTraits& tt = type_traits(t);
@@ -58,13 +65,44 @@ static ByteArray quantize(const FloatArray& x, int type, int n_threads, const st
                                 tt.name + ")");
   if (n_threads < 1 || n_threads > kMaxThreads)
     throw std::invalid_argument("quantize: n_threads must be in [1, 1024]");
+  const bool search = method == "search";
+  if (!search && method != "reference")
+    throw std::invalid_argument("quantize: method must be 'reference' or 'search', got '" +
+                                method + "'");
+  if (search && !has_search_quantizer(t))
+    throw std::invalid_argument(std::string("quantize: no error-minimising quantizer for ") +
+                                tt.name);
+  if (importance && !search)
+    throw std::invalid_argument("quantize: importance needs method='search'");
+  const float* imp = nullptr;
+  if (importance) {
+    if (importance->ndim() != 1 || importance->shape(0) != cols)
+      throw std::invalid_argument("quantize: importance must be a 1-D array of " +
+                                  std::to_string(cols) + " floats (one per column)");
+    imp = importance->data();
+    for (int64_t i = 0; i < cols; i++)
+      if (!(imp[i] >= 0) || !std::isfinite(imp[i]))
+        throw std::invalid_argument("quantize: importance[" + std::to_string(i) + "] = " +
+                                    std::to_string(imp[i]) + ", expected finite and >= 0");
+  }
+  if (search) {
+    const float* p = x.data();
+    for (int64_t i = 0; i < rows * cols; i++)
+      if (!std::isfinite(p[i]))
+        throw std::invalid_argument("quantize: non-finite value " + std::to_string(p[i]) +
+                                    " at row " + std::to_string(i / cols) + ", column " +
+                                    std::to_string(i % cols));
+  }
   const FromFloatFn from_float = table(isa)->of(t, Need::FromFloat).from_float;
   const size_t rb = row_bytes(t, cols);
   ByteArray out({rows, int64_t(rb)});
   const float* src = x.data();
   uint8_t* dst = out.mutable_data();
   auto work = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) from_float(src + r * cols, dst + r * rb, cols);
+    for (int64_t r = r0; r < r1; r++) {
+      if (search) quantize_row_search(t, src + r * cols, dst + r * rb, cols, imp);
+      else from_float(src + r * cols, dst + r * rb, cols);
+    }
   };
   {
     py::gil_scoped_release release;
@@ -314,7 +352,9 @@ PYBIND11_MODULE(_core, m) {
         "The GGML types the engine knows, one dict per type: id, name, block_size, type_size, "
         "is_block, is_weight, vec_dot_type");
   m.def("quantize", &quantize, py::arg("x"), py::arg("type"), py::arg("n_threads") = 1,
-        py::arg("isa") = "");
+        py::arg("isa") = "", py::arg("method") = "reference", py::arg("importance") = py::none());
+  m.def("has_search_quantizer", [](int type) { return has_search_quantizer(to_type(type)); },
+        py::arg("type"), "Whether quantize(method='search') handles this type");
   m.def("dequantize", &dequantize, py::arg("data"), py::arg("type"), py::arg("cols"),
         py::arg("isa") = "");
   m.def("gemm", &gemm, py::arg("wtype"), py::arg("w"), py::arg("act"), py::arg("cols"),

@@ -303,12 +303,12 @@ def test_failure_midway_leaves_no_partial_file(failure: BaseException, existing:
         out.write_bytes(b"precious")
     real_encode, calls = convert_module.encode, []
 
-    def failing_encode(w: np.ndarray, qtype: object, n_threads: int) -> np.ndarray:
+    def failing_encode(w: np.ndarray, qtype: object, n_threads: int, *rest: object) -> np.ndarray:
         calls.append(1)
         if len(calls) == 6:  # header and five tensors are already in the temporary file
             assert leftovers(tmp_path)
             raise failure
-        return real_encode(w, qtype, n_threads)  # type: ignore[arg-type]
+        return real_encode(w, qtype, n_threads, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(convert_module, "encode", failing_encode)
     with pytest.raises(type(failure)):
@@ -339,8 +339,10 @@ def test_cli_dry_run_writes_nothing(hf_dir: Path, tmp_path: Path,
     assert "tokenizer: SentencePiece from tokenizer.model, 384 tokens" in text
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()
             if line.startswith("  ")}
-    assert rows["output.weight"] == ["384x64", "F32", "->", "Q8_0", "25.5", "KiB"]
-    assert rows["blk.1.ffn_down.weight"] == ["64x192", "F32", "->", "Q4_0", "6.8", "KiB"]
+    assert "quantizer: search (error-minimising scales" in text
+    assert rows["output.weight"] == ["384x64", "F32", "->", "Q8_0", "25.5", "KiB", "search"]
+    assert rows["blk.1.ffn_down.weight"] == ["64x192", "F32", "->", "Q4_0", "6.8", "KiB",
+                                             "search"]
     assert rows["output_norm.weight"][1:4] == ["F32", "->", "F32"]
     assert "dry run: inputs checked, nothing written" in text
     assert not out.exists() and leftovers(tmp_path) == []

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture(scope="module")
 def q8_0_path(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("requant") / "SmolLM2-135M-Instruct.Q8_0.gguf"
-    convert(smollm2_path, out, outtype="q8_0")
+    convert(smollm2_path, out, outtype="q8_0", quantizer="reference")
     return out
 
 

@@ -8,6 +8,7 @@ import sys
 
 from .errors import ConvertError
 from .quant_plan import OUTTYPES
+from .quantizer_names import DEFAULT_QUANTIZER, QUANTIZERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outtype", choices=list(OUTTYPES), default="q4_0",
                    help="weight type of the output, or llama.cpp's mix of types for it (q4_k_m "
                         "...; see the README); default: q4_0. Norms stay f32")
+    p.add_argument("--quantizer", choices=list(QUANTIZERS), default=DEFAULT_QUANTIZER,
+                   help="search: per block, the scale (and min) that minimises the squared "
+                        "error of the dequantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); "
+                        "reference: GGML's reference quantizers, the bytes llama-quantize "
+                        f"writes without an imatrix. Default: {DEFAULT_QUANTIZER}")
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix (alpaca-imatrix or llama-imatrix, GGUF or legacy "
+                        ".dat): weight each column's error by its mean squared activation")
     p.add_argument("--lora", metavar="DIR",
                    help="PEFT LoRA adapter folder to merge into the weights")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -41,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         convert(args.input, args.output, outtype=args.outtype, lora=args.lora, force=args.force,
-                dry_run=args.dry_run, n_threads=args.threads, progress=not args.quiet)
+                dry_run=args.dry_run, n_threads=args.threads, progress=not args.quiet,
+                quantizer=args.quantizer, imatrix=args.imatrix)
     except ConvertError as e:
         print(f"convert-weights: error: {e}", file=sys.stderr)
         return 1

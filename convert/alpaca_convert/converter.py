@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -22,8 +22,12 @@ from .detect import open_source
 from .errors import ConvertError
 from .lora import LoraAdapter
 from .quant_plan import MIXES, PlannedTensor, plan, quantizable, quantizer_missing
+from .quantizer_names import DEFAULT_QUANTIZER, QUANTIZERS
 from .source import Source
 from .writer import check_output, write_gguf
+
+if TYPE_CHECKING:
+    from alpaca_cpu.imatrix import Imatrix
 
 
 @dataclass(frozen=True)
@@ -40,15 +44,53 @@ class Summary:
         return 8 * self.tensor_bytes / self.n_params
 
 
-def encode(w: np.ndarray, qtype: T, n_threads: int) -> np.ndarray:
-    """float32 weights -> GGML bytes (rows, row_bytes), with the engine's own quantizers."""
+
+def uses_search(qtype: T, quantizer: str) -> bool:
+    """Whether a tensor of this type gets the error-minimising quantizer (the others, K-quants
+    and IQ4_NL, always get the reference one)."""
+    return quantizer == "search" and _core.has_search_quantizer(int(qtype))
+
+
+def encode(w: np.ndarray, qtype: T, n_threads: int, quantizer: str = "reference",
+           importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 weights -> GGML bytes (rows, row_bytes), with the engine's own quantizers:
+    GGML's reference ones, or (quantizer "search", for the types that have one) the
+    error-minimising search, weighting column c's squared error by importance[c]."""
     if w.ndim == 1:
         return np.ascontiguousarray(w, dtype=np.float32).view(np.uint8)
-    return _core.quantize(np.ascontiguousarray(w, dtype=np.float32), int(qtype), n_threads)
+    x = np.ascontiguousarray(w, dtype=np.float32)
+    if uses_search(qtype, quantizer):
+        return _core.quantize(x, int(qtype), n_threads, method="search", importance=importance)
+    return _core.quantize(x, int(qtype), n_threads)
 
 
-def _producer(source: Source, lora: LoraAdapter | None,
-              n_threads: int) -> Callable[[PlannedTensor], np.ndarray]:
+def column_weights(importance: np.ndarray) -> np.ndarray:
+    """An imatrix row (mean squared input per column) -> the quantizer's column weights:
+    scaled to mean 1, with a floor (IMPORTANCE_FLOOR of the mean) so that a column the
+    calibration text never exercised still counts a little."""
+    mean = float(importance.mean())
+    if not mean > 0:
+        return np.ones_like(importance, dtype=np.float32)
+    return (importance / mean + IMPORTANCE_FLOOR).astype(np.float32)
+
+
+# A column's weight is at least this fraction of the mean: the calibration text is a sample,
+# and a column it left silent may not be silent on other text.
+IMPORTANCE_FLOOR = 0.01
+
+
+def check_finite(w: np.ndarray, name: str, path: object) -> None:
+    """ConvertError naming the tensor and the first non-finite value's position."""
+    if np.isfinite(w).all():
+        return
+    bad = np.argwhere(~np.isfinite(w))[0]
+    where = ", ".join(str(int(i)) for i in bad)
+    raise ConvertError(f"{path}: tensor {name} has a non-finite value ({w[tuple(bad)]}) at "
+                       f"[{where}]; refusing to quantize it")
+
+
+def _producer(source: Source, lora: LoraAdapter | None, n_threads: int, quantizer: str,
+              imatrix: Imatrix | None) -> Callable[[PlannedTensor], np.ndarray]:
     """The function the writer calls for each tensor's bytes: read, merge, quantize."""
 
     def produce(t: PlannedTensor) -> np.ndarray:
@@ -62,7 +104,15 @@ def _producer(source: Source, lora: LoraAdapter | None,
                                f"expected {list(t.shape)}")
         if lora is not None:
             w = lora.apply(t.name, w)
-        return encode(w, t.type, n_threads)
+        if t.type not in (T.F32, T.F16):
+            check_finite(w, t.name, source.path)
+        imp = imatrix.importance(t.name) if imatrix is not None else None
+        if imp is not None and (w.ndim != 2 or imp.shape[0] != w.shape[1]):
+            raise ConvertError(f"imatrix entry {t.name} has {imp.shape[0]} columns, the tensor "
+                               f"{list(w.shape)}")
+        weights = column_weights(imp) if imp is not None and uses_search(t.type, quantizer) \
+            else None
+        return encode(w, t.type, n_threads, quantizer, weights)
 
     return produce
 
@@ -88,8 +138,20 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _method(t: PlannedTensor, quantizer: str, imatrix: Imatrix | None) -> str:
+    """How a tensor will be made, for --dry-run: copy, reference, search or search+imatrix."""
+    if t.type in (T.F32, T.F16):
+        return "convert"
+    if not uses_search(t.type, quantizer):
+        return "reference"
+    if imatrix is not None and imatrix.importance(t.name) is not None:
+        return "search+imatrix"
+    return "search"
+
+
 def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedTensor],
-                outtype: str, output: Path | None, out: TextIO) -> None:
+                outtype: str, output: Path | None, out: TextIO, quantizer: str,
+                imatrix: Imatrix | None, imatrix_path: Path | None) -> None:
     p = source.params
     print(f"input:     {source.describe()}", file=out)
     if lora is not None:
@@ -103,20 +165,29 @@ def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedT
     print(f"output:    {output if output else '(none)'} as {outtype} "
           f"({MIXES[outtype].file_type.name}), "
           f"{len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))} of weights", file=out)
+    print(f"quantizer: {quantizer} ("
+          f"{'error-minimising scales' if quantizer == 'search' else 'GGML reference, bit-exact'}"
+          f" for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; K-quants and IQ4_NL: reference)", file=out)
+    if imatrix is not None:
+        print(f"imatrix:   {imatrix_path}: {len(imatrix)} matrices, {imatrix.chunk_count} chunks "
+              f"of {imatrix.chunk_size} tokens ({', '.join(imatrix.datasets) or 'no dataset'})",
+              file=out)
     for t in tensors:
         print(f"  {t.name:<28} {'x'.join(map(str, t.shape)):>14}  "
-              f"{source.stored_type(t.name):>8} -> {t.type.name:<6} {_human(t.nbytes):>10}",
-              file=out)
+              f"{source.stored_type(t.name):>8} -> {t.type.name:<6} {_human(t.nbytes):>10}  "
+              f"{_method(t, quantizer, imatrix)}", file=out)
 
 
 def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q4_0",
             lora: str | Path | None = None, force: bool = False, dry_run: bool = False,
             n_threads: int | None = None, progress: bool = False,
-            out: TextIO | None = None) -> Summary:
+            out: TextIO | None = None, quantizer: str = DEFAULT_QUANTIZER,
+            imatrix: str | Path | None = None) -> Summary:
     """Convert a Meta / Hugging Face checkpoint folder or a GGUF file to a GGUF file.
 
     The plan (--dry-run) and the summary are printed to `out` (default: stdout), the progress
-    bar to stderr.
+    bar to stderr. quantizer: "search" (error-minimising scales) or "reference" (GGML's,
+    bit-exact); imatrix: an importance-matrix file (llama.cpp's format) weighting the search.
     """
     start = time.monotonic()
     out = out if out is not None else sys.stdout
@@ -128,6 +199,19 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
     if output is not None:
         check_output(output, force)
     n_threads = n_threads or physical_cores()
+    if quantizer not in QUANTIZERS:
+        raise ConvertError(f"--quantizer {quantizer!r}, expected one of {', '.join(QUANTIZERS)}")
+    im = None
+    imatrix_path = Path(imatrix) if imatrix is not None else None
+    if imatrix_path is not None:
+        if quantizer != "search":
+            raise ConvertError("--imatrix needs --quantizer search (the reference quantizers "
+                               "take no importance)")
+        from alpaca_cpu.imatrix import ImatrixError, read_imatrix
+        try:
+            im = read_imatrix(imatrix_path)
+        except ImatrixError as e:
+            raise ConvertError(str(e)) from None
 
     source = open_source(input_path)
     adapter = LoraAdapter(Path(lora), source.params) if lora is not None else None
@@ -137,11 +221,17 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
         kv.u32("general.file_type", int(MIXES[outtype].file_type)),
         kv.u32("general.quantization_version", GGML_QUANT_VERSION),
     ]
+    if im is not None and imatrix_path is not None:  # the keys llama-quantize writes
+        entries += [kv.string("quantize.imatrix.file", imatrix_path.name),
+                    kv.i32("quantize.imatrix.entries_count", len(im)),
+                    kv.i32("quantize.imatrix.chunks_count", im.chunk_count)]
+        if im.datasets:
+            entries.append(kv.string("quantize.imatrix.dataset", im.datasets[-1]))
     n_params = sum(t.n_elements for t in tensors)
     tensor_bytes = sum(t.nbytes for t in tensors)
     types = dict(Counter(t.type.name for t in tensors))
     if dry_run:
-        _print_plan(source, adapter, tensors, outtype, output, out)
+        _print_plan(source, adapter, tensors, outtype, output, out, quantizer, im, imatrix_path)
         if missing:
             print(f"note: {missing}; writing this file would fail", file=out)
         print("dry run: inputs checked, nothing written", file=out)
@@ -149,7 +239,7 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
     assert output is not None
     if missing:
         raise ConvertError(missing)
-    file_bytes = write_gguf(output, entries, tensors, _producer(source, adapter, n_threads),
+    file_bytes = write_gguf(output, entries, tensors, _producer(source, adapter, n_threads, quantizer, im),
                             force=force, progress=progress)
     summary = Summary(output, n_params, tensor_bytes, file_bytes, time.monotonic() - start, types)
     print(f"wrote {output}: {n_params / 1e6:.2f} M parameters, {_human(file_bytes)}, "

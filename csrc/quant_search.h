@@ -1,0 +1,22 @@
+// Error-minimising quantizers for the 32-element types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: the
+// same block layouts as the reference quantizers (ggml_types.cpp, ggml_quants.cpp), but each
+// block's scale (and min) is searched to minimise the weighted squared error of the
+// dequantized weights, sum_i w_i (x_i - deq_i)^2. The reference block is always one of the
+// candidates, so the search never does worse than the reference by that measure.
+// numpy twin of the error it minimises: alpaca_cpu/quant_search.py.
+#pragma once
+#include <cstdint>
+
+#include "ggml_types.h"
+
+namespace alpaca {
+
+// True for the types quantize_row_search handles.
+bool has_search_quantizer(GgmlType t);
+
+// One row of k floats (whole blocks) -> blocks of type t. `importance`: k per-column weights
+// w_i >= 0 (an importance matrix row), or nullptr for w_i = 1. Deterministic: the same inputs
+// give the same bytes on every thread count. std::invalid_argument for a type without one.
+void quantize_row_search(GgmlType t, const float* x, void* y, int64_t k, const float* importance);
+
+}  // namespace alpaca

@@ -2,6 +2,7 @@
 
     python benchmarks/convert_tinyllama.py [--outtype q4_0] [--dtype bf16] [--threads N]
                                            [--layers 22] [--workdir DIR] [--keep]
+                                           [--quantizer search|reference]
 
 Writes a Hugging Face LlamaForCausalLM folder with random weights (22 layers, dim 2048, 32
 heads, 4 KV heads, FFN 5632, vocab 32000; one model.safetensors written tensor by tensor, so
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=list(_ST_DTYPE), default="bf16",
                     help="storage type of the checkpoint (default bf16, as TinyLlama ships)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantizer", choices=["search", "reference"], default="search",
+                    help="convert-weights --quantizer (default search, its default)")
     ap.add_argument("--layers", type=int, default=SHAPE["n_layers"])
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to put the checkpoint and output (default: a temporary folder)")
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "convert"),
                                                       env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "alpaca_convert.cli", str(ckpt), "-o", str(out),
-           "--outtype", args.outtype, "--force", "-q"]
+           "--outtype", args.outtype, "--quantizer", args.quantizer, "--force", "-q"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     code, wall_s, peak_kib, stdout, stderr = run_measured(cmd, env, work)
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                        "dtype": args.dtype,
                        "bytes": (ckpt / "model.safetensors").stat().st_size},
         "outtype": args.outtype,
+        "quantizer": args.quantizer,
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "make_checkpoint_s": round(make_s, 1),

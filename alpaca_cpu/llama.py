@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .chat_format import get_chat_formatter
+from .llama_compat import split_compat_args
 from .model import Model
 from .sampling import SamplingParams, sample, token_logprobs
 from .stop_strings import StopStringFilter
@@ -141,6 +142,48 @@ class EvalStats:
     seconds: float = 0.0
 
 
+class StepMaker:
+    """Turns a completion's sampled tokens into GenerationSteps, deciding when it ends: an
+    end-of-generation token or a stop string ("stop"), max_tokens or a full context
+    ("length"). Used by Llama's generator and by the server's scheduler (push-driven)."""
+
+    def __init__(self, llama: Llama, n_prompt: int, max_tokens: int | None,
+                 stop: Sequence[str], logprobs: int | None, context_shift: bool = False) -> None:
+        self._llama = llama
+        self._decoder = StreamingDecoder(llama.tokenizer_, from_start=False)
+        self._stops = StopStringFilter(stop)
+        self._logprobs = logprobs
+        self._room = None if context_shift else llama.n_ctx() - n_prompt
+        self.limit = max_tokens if max_tokens is not None else (1 << 62)
+        self.n = 0
+        self.finish = "length"
+        self.done = self.limit <= 0
+
+    def push(self, tok: int, logits: np.ndarray) -> GenerationStep | None:
+        """The step of a sampled token (None for an end-of-generation token, which ends it)."""
+        if self._llama.tokenizer_.is_eog(tok):
+            self.finish, self.done = "stop", True
+            return None
+        self.n += 1
+        lp = None
+        if self._logprobs is not None:
+            lp = self._llama._logprob_entry(tok, logits, self._logprobs)
+        step = GenerationStep(self._stops.push(self._decoder.feed(tok)), tok, lp, self.n)
+        if self._stops.stopped:
+            self.finish, self.done = "stop", True
+        elif self.n >= self.limit:
+            self.done = True
+        elif self._room is not None and self.n >= self._room:
+            self.done = True  # like llama-cpp-python: prompt + completion never exceed n_ctx
+        return step
+
+    def last(self) -> GenerationStep:
+        """The last step: the text held back, and the finish reason."""
+        stops = self._stops
+        tail = "" if stops.stopped else stops.push(self._decoder.flush()) + stops.flush()
+        return GenerationStep(tail, None, None, self.n, self.finish)
+
+
 class Llama:
     """Load a GGUF model and generate text.
 
@@ -151,15 +194,21 @@ class Llama:
     def __init__(self, model_path: str | os.PathLike[str], n_ctx: int = 2048,
                  n_threads: int | None = None, seed: int | None = None,
                  chat_format: str | None = None, verbose: bool = False, *,
-                 n_batch: int = 512, kv_type: str = "f16") -> None:
+                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1,
+                 **llama_cpp_args: Any) -> None:
+        """llama_cpp_args: llama-cpp-python's other constructor arguments, honoured, ignored
+        or refused by name (TypeError) as alpaca_cpu/llama_compat.py lists. n_seq_max: KV
+        slots of n_ctx positions each, for batched serving (slot 0 is this object's)."""
         t0 = time.perf_counter()
+        kv_type = split_compat_args(llama_cpp_args).get("kv_type", kv_type)
         if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
             raise ValueError(f"n_batch = {n_batch!r}, expected a positive integer")
         _check_seed(seed)
         self.model_path = str(model_path)
         self.verbose = verbose
         self.n_batch = n_batch
-        self._model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
+        self._model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type,
+                            n_slots=n_seq_max)
         md = self._model.metadata
         self.tokenizer_ = Tokenizer.from_metadata(md)
         # llama-cpp-python exposes scalar metadata as strings.
@@ -384,34 +433,19 @@ class Llama:
                           n_keep: int) -> Iterator[GenerationStep]:
         """A step per generated token, then a last step with the finish reason and the text
         held back until the end. Text never contains part of a stop string."""
-        decoder = StreamingDecoder(self.tokenizer_, from_start=False)
-        stops = StopStringFilter(stop)
-        n = 0
-        finish = "length"
-        limit = max_tokens if max_tokens is not None else (1 << 62)
-        if limit > 0:
+        steps = StepMaker(self, len(prompt_tokens), max_tokens, stop, logprobs, context_shift)
+        if not steps.done:
             gen = self._generate(prompt_tokens, params, rng, context_shift, n_keep)
             try:
                 for tok, logits in gen:
-                    if self.tokenizer_.is_eog(tok):
-                        finish = "stop"
+                    step = steps.push(tok, logits)
+                    if step is not None:
+                        yield step
+                    if steps.done:
                         break
-                    n += 1
-                    lp = None
-                    if logprobs is not None:
-                        lp = self._logprob_entry(tok, logits, logprobs)
-                    yield GenerationStep(stops.push(decoder.feed(tok)), tok, lp, n)
-                    if stops.stopped:
-                        finish = "stop"
-                        break
-                    if n >= limit:
-                        break
-                    if not context_shift and len(prompt_tokens) + n >= self.n_ctx():
-                        break  # like llama-cpp-python: prompt + completion never exceed n_ctx
             finally:
                 gen.close()
-        tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
-        yield GenerationStep(tail, None, None, n, finish)
+        yield steps.last()
 
     def _logprob_entry(self, tok: int, logits: np.ndarray, top: int) -> TokenLogprob:
         lps = token_logprobs(logits)
@@ -636,6 +670,66 @@ class Llama:
                     return
         finally:
             steps.close()
+
+    # ---- embeddings ----------------------------------------------------------------------
+
+    def embed(self, input: str | Sequence[str], normalize: bool = False,
+              truncate: bool = True, return_count: bool = False) -> Any:
+        """The mean over its tokens of the model's final (normed) hidden state, per text.
+
+        A vector (list of floats) for a string, a list of them for a list of strings; with
+        normalize, each has L2 norm 1; truncate: a text longer than the context keeps its
+        first n_ctx tokens (else ValueError); return_count: also the number of tokens.
+        Uses the KV cache: the next generation evaluates its prompt from scratch.
+        """
+        texts = [input] if isinstance(input, str) else input
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence) \
+                or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("embed() takes a string or a non-empty list of strings")
+        vectors, total = [], 0
+        for i, text in enumerate(texts):
+            tokens = self.embedding_tokens(text, truncate, f"input[{i}]")
+            with self._lock:
+                self._tokens, self._logits = [], None  # the cache is overwritten below
+                vectors.append(self.pool_embedding(self._model.forward_batch(
+                    tokens, [0] * len(tokens), range(len(tokens)),
+                    want=np.ones(len(tokens), bool), hidden=True), normalize))
+            total += len(tokens)
+        out: Any = vectors[0] if isinstance(input, str) else vectors
+        return (out, total) if return_count else out
+
+    def embedding_tokens(self, text: str, truncate: bool, what: str) -> list[int]:
+        """The tokens embed() runs for a text (BOS first, like the prompt of a completion)."""
+        _check_nul(text, what)
+        tokens = self.tokenizer_.encode(text, add_bos=self.tokenizer_.add_bos, what=what)
+        if not tokens:
+            raise ValueError(f"{what} is empty (no tokens)")
+        if len(tokens) > self.n_ctx():
+            if not truncate:
+                raise ValueError(f"{what} has {len(tokens)} tokens, more than the context of "
+                                 f"{self.n_ctx()}")
+            tokens = tokens[: self.n_ctx()]
+        return tokens
+
+    @staticmethod
+    def pool_embedding(hidden: np.ndarray, normalize: bool) -> list[float]:
+        """Mean of (n_tokens, dim) hidden states; L2-normalised when asked."""
+        v = hidden.astype(np.float64).mean(axis=0)
+        if normalize:
+            v /= max(float(np.linalg.norm(v)), 1e-12)
+        return v.tolist()
+
+    def create_embedding(self, input: str | Sequence[str],
+                         model: str | None = None) -> dict[str, Any]:
+        """OpenAI `embedding` list shape; vectors mean-pooled and L2-normalised (llama-cpp-
+        python leaves them unnormalised here; OpenAI's are normalised)."""
+        vectors, total = self.embed([input] if isinstance(input, str) else input,
+                                    normalize=True, return_count=True)
+        return {"object": "list",
+                "data": [{"object": "embedding", "embedding": v, "index": i}
+                         for i, v in enumerate(vectors)],
+                "model": model if model is not None else self.model_path,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
 
     # ---- state ---------------------------------------------------------------------------
 

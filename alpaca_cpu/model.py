@@ -17,6 +17,7 @@ from .system import available_memory_bytes, physical_cores
 # Activations, scratch and the interpreter on top of weights and KV cache: a model that needs
 # more than what is available minus this margin is refused rather than started.
 MEMORY_MARGIN_BYTES = 256 << 20
+MAX_SLOTS = 512  # sequence slots of one model (the engine's largest batch)
 
 
 class NotEnoughMemoryError(ValueError):
@@ -37,9 +38,10 @@ class NotEnoughMemoryError(ValueError):
             f"GiB is available; n_ctx <= {fits} would fit")
 
 
-def check_memory(mf: ModelFile, n_ctx: int, kv_f16: bool = True) -> None:
+def check_memory(mf: ModelFile, n_ctx: int, kv_f16: bool = True, n_slots: int = 1) -> None:
     """Raise NotEnoughMemoryError unless the model's weights, the KV cache of n_ctx positions
-    and MEMORY_MARGIN_BYTES fit in available memory (nothing is checked where that is unknown).
+    of each of n_slots sequence slots and MEMORY_MARGIN_BYTES fit in available memory (nothing
+    is checked where that is unknown).
 
     The weights count as the file's tensor bytes: the engine keeps a repacked copy of about
     that size. Called before anything large is allocated, by Model and by alpaca-chat.
@@ -48,9 +50,9 @@ def check_memory(mf: ModelFile, n_ctx: int, kv_f16: bool = True) -> None:
     if have is None:
         return
     weight_bytes = sum(t.data.nbytes for t in mf.tensors.values())
-    kv_bytes = mf.config.kv_cache_bytes(n_ctx, kv_f16)
+    kv_bytes = mf.config.kv_cache_bytes(n_ctx, kv_f16) * n_slots
     if weight_bytes + kv_bytes + MEMORY_MARGIN_BYTES > have:
-        per_token = mf.config.kv_cache_bytes(1, kv_f16)
+        per_token = mf.config.kv_cache_bytes(1, kv_f16) * n_slots
         fits = max(0, (have - weight_bytes - MEMORY_MARGIN_BYTES) // per_token)
         raise NotEnoughMemoryError(n_ctx, weight_bytes, kv_bytes, have, fits)
 
@@ -61,10 +63,13 @@ class Model:
     >>> m = Model("model.gguf", n_ctx=2048)
     >>> logits = m.forward([1, 2, 3])            # (n_vocab,) for the last token
     >>> rows = m.forward([4], start_pos=3, all_logits=True)   # (1, n_vocab)
+
+    With n_slots > 1 the KV cache holds that many sequences of n_ctx positions each, and
+    forward_batch runs tokens of several of them in one call (forward uses slot 0).
     """
 
     def __init__(self, path: str | os.PathLike[str], n_ctx: int = 2048,
-                 n_threads: int | None = None, kv_type: str = "f16") -> None:
+                 n_threads: int | None = None, kv_type: str = "f16", n_slots: int = 1) -> None:
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type = {kv_type!r}, expected 'f16' or 'f32'")
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
@@ -74,11 +79,14 @@ class Model:
         if isinstance(n_threads, bool) or not isinstance(n_threads, int) \
                 or not 1 <= n_threads <= 1024:
             raise ValueError(f"n_threads = {n_threads!r}, expected an integer in [1, 1024]")
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) \
+                or not 1 <= n_slots <= MAX_SLOTS:
+            raise ValueError(f"n_slots = {n_slots!r}, expected an integer in [1, {MAX_SLOTS}]")
         mf = open_model_file(path)
         if n_ctx > mf.config.context_length * 64:
             raise ValueError(f"n_ctx = {n_ctx} is far beyond the {mf.config.context_length} "
                              f"tokens {mf.path} was trained for")
-        check_memory(mf, n_ctx, kv_type == "f16")
+        check_memory(mf, n_ctx, kv_type == "f16", n_slots)
         self.path = mf.path
         self.config: ModelConfig = mf.config
         self.metadata: dict[str, Any] = mf.metadata
@@ -91,13 +99,17 @@ class Model:
             tensors[ROPE_FREQS] = (int(GGMLQuantizationType.F32), 1, divisors.size,
                                    divisors.view(np.uint8))
         self._core = _core.Model(self.config.to_hparams(), tensors, n_ctx, n_threads,
-                                 kv_type == "f16")
+                                 kv_type == "f16", n_slots)
         # The native model owns repacked copies; drop the file mapping.
         del tensors, mf
 
     @property
     def n_ctx(self) -> int:
         return self._core.n_ctx
+
+    @property
+    def n_slots(self) -> int:
+        return self._core.n_slots
 
     @property
     def n_threads(self) -> int:
@@ -132,6 +144,48 @@ class Model:
             raise ValueError(f"positions {start_pos}..{start_pos + arr.size - 1} do not fit the "
                              f"context of {self.n_ctx} tokens")
         return self._core.forward(arr.astype(np.int32), int(start_pos), bool(all_logits))
+
+    def forward_batch(self, tokens: Sequence[int] | np.ndarray,
+                      seq_ids: Sequence[int] | np.ndarray, positions: Sequence[int] | np.ndarray,
+                      want: Sequence[bool] | np.ndarray | None = None,
+                      hidden: bool = False) -> np.ndarray:
+        """Evaluate tokens of several sequences in one call; token i is at positions[i] of
+        slot seq_ids[i].
+
+        A sequence's tokens are adjacent, at consecutive positions starting at most at its
+        slot's length (slot_length; starting before it rewinds the slot). Each token attends
+        only to its own slot. Returns float32 (n_wanted, n_vocab) logits of the tokens whose
+        `want` is true (default: the last token of each sequence), in batch order, or with
+        hidden=True their final normed hidden states (n_wanted, dim). A sequence's results do
+        not depend on the other sequences in the batch.
+        """
+        ids = np.asarray(tokens)
+        seq = np.asarray(seq_ids)
+        pos = np.asarray(positions)
+        for name, arr in (("tokens", ids), ("seq_ids", seq), ("positions", pos)):
+            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{name} must be a non-empty 1-D sequence of integers, got "
+                                 f"shape {arr.shape} dtype {arr.dtype}")
+            if arr.shape != ids.shape:
+                raise ValueError(f"{name} has {arr.size} entries, tokens {ids.size}")
+        if want is None:
+            wanted = np.append(seq[1:] != seq[:-1], True)
+        else:
+            wanted = np.asarray(want)
+            if wanted.shape != ids.shape or wanted.dtype != np.bool_:
+                raise ValueError(f"want must be {ids.size} booleans, got shape {wanted.shape} "
+                                 f"dtype {wanted.dtype}")
+        return self._core.forward_seqs(ids.astype(np.int32), seq.astype(np.int32),
+                                       pos.astype(np.int64), wanted.astype(np.uint8),
+                                       bool(hidden))
+
+    def slot_length(self, slot: int) -> int:
+        """Positions slot `slot` holds (set by the last forward_batch that wrote it)."""
+        return self._core.slot_length(int(slot))
+
+    def rewind_slot(self, slot: int, n_pos: int = 0) -> None:
+        """Keep positions [0, n_pos) of a slot (0: clear it); later ones are overwritten."""
+        self._core.rewind_slot(int(slot), int(n_pos))
 
     def save_kv(self, n_pos: int) -> bytes:
         """The KV cache of positions [0, n_pos) (for saving a session)."""

@@ -212,7 +212,7 @@ static double read_bandwidth(int64_t nbytes, int n_threads, int reps, const std:
 class PyModel {
  public:
   PyModel(const py::dict& hparams, const py::dict& tensors, int64_t n_ctx, int n_threads,
-          bool kv_f16) {
+          bool kv_f16, int64_t n_slots) {
     HParams hp;
     hp.n_vocab = hparams["n_vocab"].cast<int64_t>();
     hp.dim = hparams["dim"].cast<int64_t>();
@@ -242,7 +242,7 @@ class PyModel {
     }
     const KernelTable* kernels = active_kernels();
     py::gil_scoped_release release;
-    model_ = std::make_unique<Model>(hp, tin, n_ctx, n_threads, kv_f16, kernels);
+    model_ = std::make_unique<Model>(hp, tin, n_ctx, n_threads, kv_f16, kernels, n_slots);
   }
 
   FloatArray forward(const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
@@ -255,6 +255,29 @@ class PyModel {
     {
       py::gil_scoped_release release;
       model_->forward(src, n, start_pos, all_logits, dst);
+    }
+    return out;
+  }
+
+  // (n_out, n_vocab) logits, or (n_out, dim) hidden states, of the tokens with want set.
+  FloatArray forward_seqs(const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
+                          const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& seq,
+                          const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& pos,
+                          const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& want,
+                          bool hidden) {
+    const int64_t n = tokens.shape(0);
+    if (tokens.ndim() != 1 || seq.ndim() != 1 || pos.ndim() != 1 || want.ndim() != 1 ||
+        seq.shape(0) != n || pos.shape(0) != n || want.shape(0) != n)
+      throw std::invalid_argument("forward_seqs: tokens, seq_ids, positions and want must be 1-D "
+                                  "of one length");
+    int64_t n_out = 0;
+    for (int64_t i = 0; i < n; i++) n_out += want.data()[i] != 0;
+    const int64_t width = hidden ? model_->hparams().dim : model_->hparams().n_vocab;
+    FloatArray out({n_out, width});
+    float* dst = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      model_->forward_seqs(tokens.data(), seq.data(), pos.data(), n, want.data(), hidden, dst);
     }
     return out;
   }
@@ -305,8 +328,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("mix_rows", &mix_rows, py::arg("v"), py::arg("w"), py::arg("isa") = "");
 
   py::class_<PyModel>(m, "Model")
-      .def(py::init<const py::dict&, const py::dict&, int64_t, int, bool>(), py::arg("hparams"),
-           py::arg("tensors"), py::arg("n_ctx"), py::arg("n_threads"), py::arg("kv_f16") = true)
+      .def(py::init<const py::dict&, const py::dict&, int64_t, int, bool, int64_t>(),
+           py::arg("hparams"), py::arg("tensors"), py::arg("n_ctx"), py::arg("n_threads"),
+           py::arg("kv_f16") = true, py::arg("n_slots") = 1)
+      .def("forward_seqs", &PyModel::forward_seqs, py::arg("tokens"), py::arg("seq_ids"),
+           py::arg("positions"), py::arg("want"), py::arg("hidden"))
+      .def("slot_length", [](PyModel& p, int64_t s) { return p.model().slot_length(s); },
+           py::arg("slot"))
+      .def("rewind_slot", [](PyModel& p, int64_t s, int64_t n_pos) {
+             py::gil_scoped_release release;
+             p.model().rewind_slot(s, n_pos);
+           }, py::arg("slot"), py::arg("n_pos"))
+      .def_property_readonly("n_slots", [](PyModel& p) { return p.model().n_slots(); })
       .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"),
            py::arg("all_logits"))
       .def("save_kv", &PyModel::save_kv, py::arg("n_pos"))

@@ -103,12 +103,13 @@ static int64_t max_attention_parts(int n_threads, int64_t n_kv_heads) {
   return std::max<int64_t>(1, (kAttentionTasksPerThread * n_threads + n_kv_heads - 1) / n_kv_heads);
 }
 
-KvCache::KvCache(int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim,
-                 GgmlType type)
-    : n_layers_(n_layers), n_kv_heads_(n_kv_heads), n_ctx_(n_ctx), type_(type),
+KvCache::KvCache(int64_t n_slots, int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx,
+                 int64_t head_dim, GgmlType type)
+    : n_slots_(n_slots), n_layers_(n_layers), n_kv_heads_(n_kv_heads), n_ctx_(n_ctx), type_(type),
       row_bytes_(alpaca::row_bytes(type, head_dim)) {
   size_t rows = 0, bytes = 0;
-  if (__builtin_mul_overflow(size_t(n_layers), size_t(n_kv_heads), &rows) ||
+  if (__builtin_mul_overflow(size_t(n_slots), size_t(n_layers), &rows) ||
+      __builtin_mul_overflow(rows, size_t(n_kv_heads), &rows) ||
       __builtin_mul_overflow(rows, size_t(n_ctx), &rows) ||
       __builtin_mul_overflow(rows, row_bytes_, &bytes))
     throw std::invalid_argument("n_ctx: KV cache size overflows");
@@ -124,8 +125,8 @@ std::vector<uint8_t> KvCache::save(int64_t n_pos) {
   std::vector<uint8_t> out(2 * n_runs * run);
   for (int64_t l = 0, i = 0; l < n_layers_; l++) {
     for (int64_t h = 0; h < n_kv_heads_; h++, i++) {
-      std::memcpy(out.data() + size_t(i) * run, k(l, h, 0), run);
-      std::memcpy(out.data() + (n_runs + size_t(i)) * run, v(l, h, 0), run);
+      std::memcpy(out.data() + size_t(i) * run, k(0, l, h, 0), run);
+      std::memcpy(out.data() + (n_runs + size_t(i)) * run, v(0, l, h, 0), run);
     }
   }
   return out;
@@ -139,21 +140,25 @@ void KvCache::load(const uint8_t* data, size_t nbytes, int64_t n_pos) {
                                 " positions of this model and cache type");
   for (int64_t l = 0, i = 0; l < n_layers_; l++) {
     for (int64_t h = 0; h < n_kv_heads_; h++, i++) {
-      std::memcpy(k(l, h, 0), data + size_t(i) * run, run);
-      std::memcpy(v(l, h, 0), data + (n_runs + size_t(i)) * run, run);
+      std::memcpy(k(0, l, h, 0), data + size_t(i) * run, run);
+      std::memcpy(v(0, l, h, 0), data + (n_runs + size_t(i)) * run, run);
     }
   }
 }
 
 Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
-             int n_threads, bool kv_f16, const KernelTable* kernels)
+             int n_threads, bool kv_f16, const KernelTable* kernels, int64_t n_slots)
     : hp_(hp),
       n_ctx_(n_ctx),
+      n_slots_(n_slots),
       k_(kernels),
       f16_(kernels->of(GgmlType::F16, Need::FromFloat)),
       pool_(n_threads),
       kv_kernels_(kernels->of(kv_f16 ? GgmlType::F16 : GgmlType::F32, Need::Gemm)) {
   if (n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1");
+  if (n_slots < 1 || n_slots > kMaxBatch)
+    throw std::invalid_argument("n_slots = " + std::to_string(n_slots) + ", expected 1.." +
+                                std::to_string(kMaxBatch));
   token_embd = load_matrix(tensors, "token_embd.weight", hp.n_vocab, hp.dim);
   k_->of(token_embd.type, Need::ToFloat);  // embed() dequantizes its rows: refuse here if it cannot
   embd_row_.resize(token_embd.stride);
@@ -183,7 +188,7 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
     inv_freq_.push_back(std::pow(double(hp.rope_base), -2.0 * double(i) / double(hp.n_rot)) / rope_div[i]);
   }
 
-  kv_ = KvCache(hp.n_layers, hp.n_kv_heads, n_ctx, hp.head_dim,
+  kv_ = KvCache(n_slots, hp.n_layers, hp.n_kv_heads, n_ctx, hp.head_dim,
                 kv_f16 ? GgmlType::F16 : GgmlType::F32);
   k_->of(kv_.type(), Need::FromFloat);  // kv_kernels_ (its gemm checked above) appends rows too
 
@@ -219,8 +224,17 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
   attn_o_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
   const size_t max_parts = size_t(hp.n_kv_heads * max_attention_parts(pool_.size(), hp.n_kv_heads));
-  part_o_.resize(max_parts * max_q * hp.head_dim);
-  part_log_sum_.resize(max_parts * max_q);
+  // Every run of a batch (at most one per slot) may split its positions: a region each.
+  part_rows_per_run_ = max_parts * size_t(max_q);
+  part_o_.resize(size_t(n_slots) * part_rows_per_run_ * hp.head_dim);
+  part_log_sum_.resize(size_t(n_slots) * part_rows_per_run_);
+  slot_len_.assign(size_t(n_slots), 0);
+  tok_pos_.resize(B);
+  tok_slot_.resize(B);
+  out_rows_.reserve(B);
+  runs_.reserve(B);
+  plans_.reserve(B);
+  tasks_.reserve(size_t(B) + size_t(n_slots) * max_parts);
 }
 
 void Model::embed(int32_t token, float* out) {
@@ -310,34 +324,53 @@ void Model::round_to_f16(float* x, int64_t n) const {
   }
 }
 
-void Model::attention(int64_t layer, int64_t n, int64_t start_pos) {
-  AttentionPlan p;
-  p.layer = layer;
-  p.n = n;
-  p.start_pos = start_pos;
-  p.group = hp_.n_heads / hp_.n_kv_heads;
-  p.tpt = tokens_per_attention_task(p.group);
-  const int64_t n_kv = hp_.n_kv_heads, n_blocks = (n + p.tpt - 1) / p.tpt;
-  // Positions are split only when one block of tokens holds all the queries (decoding).
-  p.n_parts = n_blocks > 1 ? 1
-                           : std::clamp<int64_t>((start_pos + n) / kMinPartPositions, 1,
-                                                 max_attention_parts(pool_.size(), n_kv));
-  p.part_len = (start_pos + n + p.n_parts - 1) / p.n_parts;
-  // One task per (block of tokens, part of the positions, kv head).
+void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
+  const int64_t n_kv = hp_.n_kv_heads, group = hp_.n_heads / hp_.n_kv_heads;
+  const int64_t tpt = tokens_per_attention_task(group);
+  // One plan per run; a task per (block of tpt tokens of a run, part of its positions) and
+  // kv head.
+  plans_.clear();
+  tasks_.clear();
+  int64_t macs = 0;
+  for (int64_t r = 0; r < n_runs; r++) {
+    const SeqRun& run = runs[r];
+    AttentionPlan p;
+    p.layer = layer;
+    p.slot = run.slot;
+    p.base = run.base;
+    p.n = run.n;
+    p.start_pos = run.start_pos;
+    p.group = group;
+    p.tpt = tpt;
+    const int64_t n_blocks = (run.n + tpt - 1) / tpt;
+    // Positions are split only when one block of tokens holds all the queries (decoding).
+    // The split depends on this run alone, never on the others in the batch.
+    p.n_parts = !run.may_split || n_blocks > 1 ? 1
+                             : std::clamp<int64_t>((run.start_pos + run.n) / kMinPartPositions, 1,
+                                                   max_attention_parts(pool_.size(), n_kv));
+    p.part_len = (run.start_pos + run.n + p.n_parts - 1) / p.n_parts;
+    p.part_row0 = size_t(r) * part_rows_per_run_;
+    plans_.push_back(p);
+    macs += run.n * (run.start_pos + run.n) * hp_.n_heads * hp_.head_dim;
+  }
+  for (const AttentionPlan& p : plans_)
+    for (int64_t t0 = 0; t0 < p.n; t0 += p.tpt)
+      for (int64_t part = 0; part < p.n_parts; part++) tasks_.push_back({&p, t0, part});
   auto task = [&](int64_t i, int thread) {
-    attend_part(p, i / n_kv / p.n_parts * p.tpt, i % n_kv, i / n_kv % p.n_parts, thread);
+    const AttentionTask& t = tasks_[i / n_kv];
+    attend_part(*t.plan, t.t0, i % n_kv, t.part, thread);
   };
-  const int64_t n_tasks = n_blocks * p.n_parts * n_kv;
+  const int64_t n_tasks = int64_t(tasks_.size()) * n_kv;
   // Decoding over a short context is a few microseconds of work: waking the pool for it
   // costs more than it saves (one barrier less per layer and token).
   constexpr int64_t kInlineAttentionMacs = 1 << 16;
-  const int64_t macs = n * (start_pos + n) * hp_.n_heads * hp_.head_dim;
   if (macs < kInlineAttentionMacs) {
     for (int64_t i = 0; i < n_tasks; i++) task(i, 0);
   } else {
     pool_.parallel_for(n_tasks, task);
   }
-  if (p.n_parts > 1) merge_parts(p);
+  for (const AttentionPlan& p : plans_)
+    if (p.n_parts > 1) merge_parts(p);
 }
 
 // scores = K q for all the block's queries (one gemm), a causal softmax per query, then
@@ -352,15 +385,15 @@ void Model::attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t p
   const int64_t p0 = std::min(n_pos, part * p.part_len), len = std::min(n_pos - p0, p.part_len);
   float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;        // (n_q, hd), query (t, h)
   float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
-  const size_t slot = size_t(g * p.n_parts + part) * max_q;
+  const size_t slot = p.part_row0 + size_t(g * p.n_parts + part) * max_q;
   float* obuf = p.n_parts > 1 ? part_o_.data() + slot * hd  // (n_q, hd)
                               : attn_o_.data() + size_t(thread) * max_q * hd;
   for (int64_t t = 0; t < nt; t++)
-    std::memcpy(qbuf + t * group * hd, q_.data() + (t0 + t) * q_dim + g * group * hd,
+    std::memcpy(qbuf + t * group * hd, q_.data() + (p.base + t0 + t) * q_dim + g * group * hd,
                 size_t(group * hd) * sizeof(float));
   if (f16) round_to_f16(qbuf, n_q * hd);
   if (len > 0)
-    kv_kernels_.gemm(hd, kv_.k(p.layer, g, p0), kv_stride, len, qbuf, hd * sizeof(float), nullptr,
+    kv_kernels_.gemm(hd, kv_.k(p.slot, p.layer, g, p0), kv_stride, len, qbuf, hd * sizeof(float), nullptr,
                      n_q, scores, n_ctx_);
   const float scale = 1.0f / std::sqrt(float(hd));
   for (int64_t i = 0; i < n_q; i++) {
@@ -376,14 +409,14 @@ void Model::attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t p
     if (p.n_parts > 1) part_log_sum_[slot + i] = log_sum;
   }
   if (len > 0) {
-    k_->mix_rows(kv_.type(), hd, kv_.v(p.layer, g, p0), kv_stride, len, scores, n_ctx_, n_q,
+    k_->mix_rows(kv_.type(), hd, kv_.v(p.slot, p.layer, g, p0), kv_stride, len, scores, n_ctx_, n_q,
                  obuf, hd);
   } else {
     std::fill(obuf, obuf + n_q * hd, 0.0f);
   }
   if (p.n_parts > 1) return;  // merge_parts writes att_
   for (int64_t t = 0; t < nt; t++)
-    std::memcpy(att_.data() + (t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
+    std::memcpy(att_.data() + (p.base + t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
                 size_t(group * hd) * sizeof(float));
 }
 
@@ -394,12 +427,12 @@ void Model::merge_parts(const AttentionPlan& p) {
     for (int64_t i = 0; i < p.n * group; i++) {
       float top = -INFINITY;
       for (int64_t part = 0; part < p.n_parts; part++)
-        top = std::max(top, part_log_sum_[size_t(g * p.n_parts + part) * max_q + i]);
-      float* out = att_.data() + (i / group) * q_dim + (g * group + i % group) * hd;
+        top = std::max(top, part_log_sum_[p.part_row0 + size_t(g * p.n_parts + part) * max_q + i]);
+      float* out = att_.data() + (p.base + i / group) * q_dim + (g * group + i % group) * hd;
       std::fill(out, out + hd, 0.0f);
       float total = 0.0f;
       for (int64_t part = 0; part < p.n_parts; part++) {
-        const size_t slot = size_t(g * p.n_parts + part) * max_q + i;
+        const size_t slot = p.part_row0 + size_t(g * p.n_parts + part) * max_q + i;
         const float w = std::exp(part_log_sum_[slot] - top);
         const float* o = part_o_.data() + slot * hd;
         for (int64_t d = 0; d < hd; d++) out[d] += w * o[d];
@@ -435,21 +468,112 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool al
                                   " at index " + std::to_string(i) + " outside [0, " +
                                   std::to_string(hp_.n_vocab) + ")");
   std::lock_guard<std::mutex> lock(forward_mutex_);
+  slot_len_[0] = start_pos + n;
   for (int64_t b = 0; b < n; b += kMaxBatch) {
     const int64_t nb = std::min(kMaxBatch, n - b);
     const bool last = b + nb == n;
-    if (all_logits) {
-      forward_batch(tokens + b, nb, start_pos + b, true, logits + size_t(b) * hp_.n_vocab);
-    } else {
-      forward_batch(tokens + b, nb, start_pos + b, false, last ? logits : nullptr);
-    }
+    const SeqRun run{0, start_pos + b, 0, nb, true};
+    out_rows_.clear();
+    for (int64_t t = all_logits ? 0 : (last ? nb - 1 : nb); t < nb; t++) out_rows_.push_back(t);
+    float* out = all_logits ? logits + size_t(b) * hp_.n_vocab : logits;
+    forward_batch(tokens + b, nb, &run, 1, out_rows_.data(), int64_t(out_rows_.size()),
+                  false, out);
   }
 }
 
-void Model::forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
-                          float* logits) {
+void Model::check_slot(int64_t slot, const char* what) const {
+  if (slot < 0 || slot >= n_slots_)
+    throw std::invalid_argument(std::string(what) + ": slot " + std::to_string(slot) +
+                                " outside [0, " + std::to_string(n_slots_) + ")");
+}
+
+int64_t Model::slot_length(int64_t slot) const {
+  check_slot(slot, "slot_length");
+  return slot_len_[size_t(slot)];
+}
+
+void Model::rewind_slot(int64_t slot, int64_t n_pos) {
+  check_slot(slot, "rewind_slot");
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  if (n_pos < 0 || n_pos > slot_len_[size_t(slot)])
+    throw std::invalid_argument("rewind_slot: n_pos " + std::to_string(n_pos) + " outside [0, " +
+                                std::to_string(slot_len_[size_t(slot)]) + "] (slot " +
+                                std::to_string(slot) + "'s length)");
+  slot_len_[size_t(slot)] = n_pos;
+}
+
+void Model::forward_seqs(const int32_t* tokens, const int32_t* seq, const int64_t* pos, int64_t n,
+                         const uint8_t* want, bool hidden, float* out) {
+  if (n < 1) throw std::invalid_argument("forward_seqs: empty batch of tokens");
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  // The runs of the whole input, checked before anything is computed.
+  std::vector<SeqRun> runs;
+  std::vector<uint8_t> seen(size_t(n_slots_), 0);
+  for (int64_t i = 0; i < n; i++) {
+    const std::string at = "forward_seqs: token " + std::to_string(i) + ": ";
+    if (tokens[i] < 0 || tokens[i] >= hp_.n_vocab)
+      throw std::invalid_argument(at + "id " + std::to_string(tokens[i]) + " outside [0, " +
+                                  std::to_string(hp_.n_vocab) + ")");
+    if (seq[i] < 0 || seq[i] >= n_slots_)
+      throw std::invalid_argument(at + "sequence " + std::to_string(seq[i]) + " outside [0, " +
+                                  std::to_string(n_slots_) + ")");
+    if (pos[i] < 0 || pos[i] >= n_ctx_)
+      throw std::invalid_argument(at + "position " + std::to_string(pos[i]) +
+                                  " outside the context of " + std::to_string(n_ctx_));
+    if (i > 0 && seq[i] == seq[i - 1]) {
+      if (pos[i] != pos[i - 1] + 1)
+        throw std::invalid_argument(at + "position " + std::to_string(pos[i]) + " does not follow " +
+                                    std::to_string(pos[i - 1]) + " of the same sequence");
+      runs.back().n++;
+      continue;
+    }
+    if (seen[size_t(seq[i])])
+      throw std::invalid_argument(at + "sequence " + std::to_string(seq[i]) +
+                                  " appears in two runs (a sequence's tokens must be adjacent)");
+    seen[size_t(seq[i])] = 1;
+    if (pos[i] > slot_len_[size_t(seq[i])])
+      throw std::invalid_argument(at + "position " + std::to_string(pos[i]) +
+                                  " leaves a gap after the " +
+                                  std::to_string(slot_len_[size_t(seq[i])]) + " positions slot " +
+                                  std::to_string(seq[i]) + " holds");
+    runs.push_back({seq[i], pos[i], i, 1, false});
+  }
+  for (SeqRun& r : runs) r.may_split = r.n == 1;  // a decode step
+  for (const SeqRun& r : runs) slot_len_[size_t(r.slot)] = r.start_pos + r.n;
+  // Batches of up to kMaxBatch tokens; a run that crosses a batch boundary goes on in the next.
+  const int64_t width = hidden ? hp_.dim : hp_.n_vocab;
+  size_t r = 0;
+  for (int64_t b = 0; b < n; b += kMaxBatch) {
+    const int64_t nb = std::min(kMaxBatch, n - b);
+    runs_.clear();
+    for (; r < runs.size() && runs[r].base < b + nb; r++) {
+      SeqRun part = runs[r];
+      const int64_t skip = std::max<int64_t>(0, b - part.base);
+      part.start_pos += skip;
+      part.base = part.base + skip - b;
+      part.n = std::min(part.n - skip, nb - part.base);
+      runs_.push_back(part);
+      if (runs[r].base + runs[r].n > b + nb) break;  // goes on in the next batch
+    }
+    out_rows_.clear();
+    for (int64_t t = 0; t < nb; t++)
+      if (want[b + t]) out_rows_.push_back(t);
+    forward_batch(tokens + b, nb, runs_.data(), int64_t(runs_.size()), out_rows_.data(),
+                  int64_t(out_rows_.size()), hidden, out);
+    out += out_rows_.size() * size_t(width);
+  }
+}
+
+void Model::forward_batch(const int32_t* tokens, int64_t n, const SeqRun* runs, int64_t n_runs,
+                          const int64_t* out_rows, int64_t n_out, bool hidden,
+                          float* out) {
   const int64_t dim = hp_.dim, hd = hp_.head_dim;
   const int64_t q_dim = hp_.n_heads * hd, kv_dim = hp_.n_kv_heads * hd, ffn = hp_.ffn_dim;
+  for (int64_t r = 0; r < n_runs; r++)
+    for (int64_t t = 0; t < runs[r].n; t++) {
+      tok_pos_[runs[r].base + t] = runs[r].start_pos + t;
+      tok_slot_[runs[r].base + t] = runs[r].slot;
+    }
 
   // x = token_embd[tokens]
   for (int64_t t = 0; t < n; t++) embed(tokens[t], x_.data() + t * dim);
@@ -463,18 +587,18 @@ void Model::forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, b
     matmuls(xb_.data(), n, dim, {{&L.attn_q, q_.data(), q_dim},
                                   {&L.attn_k, k_cur_.data(), kv_dim},
                                   {&L.attn_v, v_cur_.data(), kv_dim}});
-    // RoPE on q and k; append k, v to the cache at their positions
+    // RoPE on q and k; append k, v to their slot's cache at their positions
     for (int64_t t = 0; t < n; t++) {
-      const int64_t pos = start_pos + t;
+      const int64_t pos = tok_pos_[t], slot = tok_slot_[t];
       rope(q_.data() + t * q_dim, hp_.n_heads, pos);
       rope(k_cur_.data() + t * kv_dim, hp_.n_kv_heads, pos);
       for (int64_t g = 0; g < hp_.n_kv_heads; g++) {
-        kv_kernels_.from_float(k_cur_.data() + t * kv_dim + g * hd, kv_.k(l, g, pos), hd);
-        kv_kernels_.from_float(v_cur_.data() + t * kv_dim + g * hd, kv_.v(l, g, pos), hd);
+        kv_kernels_.from_float(k_cur_.data() + t * kv_dim + g * hd, kv_.k(slot, l, g, pos), hd);
+        kv_kernels_.from_float(v_cur_.data() + t * kv_dim + g * hd, kv_.v(slot, l, g, pos), hd);
       }
     }
-    // att = softmax(q k^T / sqrt(hd)) v, causal, per head
-    attention(l, n, start_pos);
+    // att = softmax(q k^T / sqrt(hd)) v, causal within each sequence, per head
+    attention(l, runs, n_runs);
     // x += att @ Wo.T
     matmuls(att_.data(), n, q_dim, {{&L.attn_output, proj_.data(), dim}});
     for (int64_t i = 0; i < n * dim; i++) x_[i] += proj_[i];
@@ -489,14 +613,15 @@ void Model::forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, b
     matmuls(gate_.data(), n, ffn, {{&L.ffn_down, proj_.data(), dim}});
     for (int64_t i = 0; i < n * dim; i++) x_[i] += proj_[i];
   }
-  if (!logits) return;
-  // logits = rmsnorm(x) * output_norm @ output.T (token_embd when tied)
-  const int64_t first = all_logits ? 0 : n - 1, n_out = n - first;
-  for (int64_t t = first; t < n; t++)
-    k_->rmsnorm(x_.data() + t * dim, output_norm.data(), xb_.data() + (t - first) * dim, dim,
-                hp_.rms_eps);
+  if (n_out == 0) return;
+  // h = rmsnorm(x) * output_norm for the wanted rows (the output itself when hidden)
+  float* h = hidden ? out : xb_.data();
+  for (int64_t i = 0; i < n_out; i++)
+    k_->rmsnorm(x_.data() + out_rows[i] * dim, output_norm.data(), h + i * dim, dim, hp_.rms_eps);
+  if (hidden) return;
+  // logits = h @ output.T (token_embd when tied)
   const Matrix& out_w = output.rows ? output : token_embd;
-  matmuls(xb_.data(), n_out, dim, {{&out_w, logits, hp_.n_vocab}});
+  matmuls(xb_.data(), n_out, dim, {{&out_w, out, hp_.n_vocab}});
 }
 
 }  // namespace alpaca

@@ -83,43 +83,66 @@ struct Layer {
   Matrix ffn_down;               // (dim, ffn_dim)
 };
 
-// The attention KV cache: keys and values of every layer, KV head and position, each
-// (n_layers, n_kv_heads, n_ctx, head_dim) elements of one type (F16 or F32).
+// The attention KV cache: keys and values of every sequence slot, layer, KV head and
+// position, each (n_slots, n_layers, n_kv_heads, n_ctx, head_dim) elements of one type (F16 or
+// F32). Every slot has the whole n_ctx, allocated once (docs/design.md, "Sequence slots").
 class KvCache {
  public:
   KvCache() = default;
-  KvCache(int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim, GgmlType type);
+  KvCache(int64_t n_slots, int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim,
+          GgmlType type);
 
   GgmlType type() const { return type_; }
   size_t row_bytes() const { return row_bytes_; }  // one position of one head: (head_dim)
-  // Address of the key / value row of (layer, kv head, position); rows of consecutive
+  // Address of the key / value row of (slot, layer, kv head, position); rows of consecutive
   // positions follow each other, row_bytes() apart.
-  uint8_t* k(int64_t layer, int64_t head, int64_t pos) { return k_.data() + offset(layer, head, pos); }
-  uint8_t* v(int64_t layer, int64_t head, int64_t pos) { return v_.data() + offset(layer, head, pos); }
+  uint8_t* k(int64_t slot, int64_t layer, int64_t head, int64_t pos) {
+    return k_.data() + offset(slot, layer, head, pos);
+  }
+  uint8_t* v(int64_t slot, int64_t layer, int64_t head, int64_t pos) {
+    return v_.data() + offset(slot, layer, head, pos);
+  }
   size_t bytes() const { return k_.size() + v_.size(); }
-  // Positions [0, n_pos) of every layer and head as bytes (all keys, then all values), and back.
+  // Positions [0, n_pos) of slot 0's layers and heads as bytes (all keys, then all values),
+  // and back.
   std::vector<uint8_t> save(int64_t n_pos);
   void load(const uint8_t* data, size_t nbytes, int64_t n_pos);
 
  private:
-  size_t offset(int64_t layer, int64_t head, int64_t pos) const {
-    return ((size_t(layer) * n_kv_heads_ + size_t(head)) * n_ctx_ + size_t(pos)) * row_bytes_;
+  size_t offset(int64_t slot, int64_t layer, int64_t head, int64_t pos) const {
+    return (((size_t(slot) * n_layers_ + size_t(layer)) * n_kv_heads_ + size_t(head)) * n_ctx_ +
+            size_t(pos)) * row_bytes_;
   }
-  int64_t n_layers_ = 0, n_kv_heads_ = 0, n_ctx_ = 0;
+  int64_t n_slots_ = 0, n_layers_ = 0, n_kv_heads_ = 0, n_ctx_ = 0;
   GgmlType type_ = GgmlType::F32;
   size_t row_bytes_ = 0;
-  Buffer k_, v_;  // (n_layers, n_kv_heads, n_ctx, head_dim) each
+  Buffer k_, v_;  // (n_slots, n_layers, n_kv_heads, n_ctx, head_dim) each
 };
 
 class Model {
  public:
   Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, int64_t n_ctx,
-        int n_threads, bool kv_f16, const KernelTable* kernels);
+        int n_threads, bool kv_f16, const KernelTable* kernels, int64_t n_slots = 1);
 
-  // Runs tokens[0..n) at positions start_pos.. and writes logits (n_vocab floats per row) for
-  // the last token, or for every token when all_logits. Positions >= start_pos are overwritten.
+  // Runs tokens[0..n) at positions start_pos.. of slot 0 and writes logits (n_vocab floats per
+  // row) for the last token, or for every token when all_logits. Positions >= start_pos are
+  // overwritten.
   void forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
                float* logits);
+
+  // Runs a batch whose tokens belong to several sequences: token i is at position pos[i] of
+  // slot seq[i]. A sequence's tokens are one run of consecutive entries with consecutive
+  // positions, starting at most at the slot's length (starting before it rewinds the slot);
+  // each token attends only to its own slot's positions up to its own. For every i with
+  // want[i], in order, writes n_vocab logits (or, when hidden, the dim floats of the final
+  // normed hidden state) to out. Every float reduction of a token runs in the same order
+  // whatever else is in the batch, so a sequence's results do not depend on its neighbours.
+  void forward_seqs(const int32_t* tokens, const int32_t* seq, const int64_t* pos, int64_t n,
+                    const uint8_t* want, bool hidden, float* out);
+  // Positions a slot holds (set by the last batch that wrote it), and setting it back.
+  int64_t slot_length(int64_t slot) const;
+  void rewind_slot(int64_t slot, int64_t n_pos);  // keep positions [0, n_pos); 0 clears
+  int64_t n_slots() const { return n_slots_; }
 
   // The KV cache of positions [0, n_pos) as bytes, and back (for save/load of a session).
   std::vector<uint8_t> save_kv(int64_t n_pos);
@@ -137,8 +160,19 @@ class Model {
  private:
   Matrix load_matrix(const std::map<std::string, TensorIn>& tensors, const std::string& name,
                      int64_t rows, int64_t cols);
-  void forward_batch(const int32_t* tokens, int64_t n, int64_t start_pos, bool all_logits,
-                     float* logits);
+  // Tokens [base, base + n) of a batch: positions start_pos.. of one slot. may_split: whether
+  // attention may split this run's positions over threads when it is one block of queries
+  // (Model::attention): always for forward; in forward_seqs only for a run of one token (a
+  // decode step), whose length no batching can change.
+  struct SeqRun {
+    int64_t slot, start_pos, base, n;
+    bool may_split;
+  };
+  // The forward pass of up to kMaxBatch tokens made of runs (at most one per slot). Writes
+  // out_rows' logits, or their normed hidden states when hidden.
+  void forward_batch(const int32_t* tokens, int64_t n, const SeqRun* runs, int64_t n_runs,
+                     const int64_t* out_rows, int64_t n_out, bool hidden, float* out);
+  void check_slot(int64_t slot, const char* what) const;
   struct MatmulJob {
     const Matrix* w;
     float* out;          // (n_tok, out_stride)
@@ -149,15 +183,18 @@ class Model {
   void matmuls(const float* x, int64_t n_tok, int64_t x_stride, std::initializer_list<MatmulJob> jobs);
   // How one layer's attention is split into tasks (decided in Model::attention).
   struct AttentionPlan {
-    int64_t layer, n, start_pos;
+    int64_t layer, slot, base, n, start_pos;  // tokens [base, base + n) of the batch
     int64_t group;     // query heads per KV head
     int64_t tpt;       // tokens per block of queries (tokens_per_attention_task)
     int64_t n_parts;   // parts the positions of each KV head are split into (1: no split)
     int64_t part_len;  // positions per part
+    size_t part_row0;  // this run's region of part_o_ / part_log_sum_ (rows)
   };
-  // att = softmax(q k^T / sqrt(head_dim)) v for the batch, causal: plans the split into tasks,
-  // runs them, merges split positions.
-  void attention(int64_t layer, int64_t n, int64_t start_pos);
+  // att = softmax(q k^T / sqrt(head_dim)) v for the batch, causal within each run's slot:
+  // plans the tasks, runs them, merges split positions. How a run is split depends on that
+  // run only (SeqRun::may_split), so every token's reductions keep one order whatever the
+  // batch holds.
+  void attention(int64_t layer, const SeqRun* runs, int64_t n_runs);
   // One task: the queries of the block of tokens from t0 that share KV head g, against part
   // `part` of the positions they see. Writes att_ (n_parts == 1) or the part's slot in part_o_
   // and part_log_sum_.
@@ -171,6 +208,8 @@ class Model {
 
   HParams hp_;
   int64_t n_ctx_;
+  int64_t n_slots_;
+  std::vector<int64_t> slot_len_;  // (n_slots) positions each slot holds
   const KernelTable* k_;
   const TypeKernels& f16_;  // fp16 rows to/from float (round_to_f16)
   ThreadPool pool_;
@@ -210,9 +249,21 @@ class Model {
   // (max_q, n_ctx) and outputs (max_q, head_dim); see Model::attention.
   Scratch attn_q_, scores_, attn_o_;
   // Decoding splits each KV head's positions into parts (Model::attention): every part's
-  // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (kv head, part).
+  // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (run, kv head, part);
+  // a region of part_rows_per_run_ rows per run, n_slots regions.
   Scratch part_o_, part_log_sum_;
+  size_t part_rows_per_run_ = 0;
   std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
+  // One batch's layout, allocated once: (batch) position and slot of each token, its runs,
+  // the rows whose logits are wanted, and the attention tasks (plan, first token, kv head).
+  std::vector<int64_t> tok_pos_, tok_slot_, out_rows_;
+  std::vector<SeqRun> runs_;
+  struct AttentionTask {
+    const AttentionPlan* plan;
+    int64_t t0, part;
+  };
+  std::vector<AttentionPlan> plans_;
+  std::vector<AttentionTask> tasks_;
 };
 
 }  // namespace alpaca

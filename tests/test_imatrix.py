@@ -54,6 +54,21 @@ def test_calibration_shorter_than_one_chunk_refused(tiny_f32: Path) -> None:
         collect(model, list(range(15)), 16, bos_id=1, progress=False)
 
 
+@pytest.mark.real_model
+def test_cli_refuses_a_short_text(smollm2_path: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from alpaca_cpu.cli.imatrix import main
+
+    text = tmp_path / "short.txt"
+    text.write_text("Far too short to calibrate anything.\n")
+    out = tmp_path / "im.gguf"
+    assert main(["-m", str(smollm2_path), "-f", str(text), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "alpaca-imatrix: error: the calibration text has" in err
+    assert "fewer than one chunk of 512 (-c)" in err
+    assert not out.exists()
+
+
 def sample_imatrix() -> Imatrix:
     rng = np.random.default_rng(5)
     im = Imatrix(datasets=["calib.txt"], chunk_count=3, chunk_size=512)

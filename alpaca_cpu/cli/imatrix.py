@@ -35,13 +35,18 @@ from .perplexity import _positive, read_text
 PROG = "alpaca-imatrix"
 
 
+def check_length(n_tokens: int, n_ctx: int) -> None:
+    """ValueError when the calibration text is shorter than one chunk."""
+    if n_tokens < n_ctx:
+        raise ValueError(f"the calibration text has {n_tokens} tokens, fewer than one chunk "
+                         f"of {n_ctx} (-c); give a longer text or a smaller -c")
+
+
 def collect(model: ReferenceModel, tokens: list[int], n_ctx: int, bos_id: int | None,
             n_chunks: int | None = None, dataset: str = "", progress: bool = True) -> Imatrix:
     """The importance matrix of `model` over `tokens` in chunks of n_ctx (see the module doc).
     ValueError when the text is shorter than one chunk."""
-    if len(tokens) < n_ctx:
-        raise ValueError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk "
-                         f"of {n_ctx} (-c); give a longer text or a smaller -c")
+    check_length(len(tokens), n_ctx)
     available = len(tokens) // n_ctx
     n = available if n_chunks is None else min(n_chunks, available)
     im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=n_ctx)
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         mf = open_model_file(args.model)
         tok = Tokenizer.from_metadata(mf.metadata)
         tokens = tok.encode(text)
+        check_length(len(tokens), args.ctx_size)  # before the weights are dequantized
         model = ReferenceModel(mf, n_ctx=args.ctx_size)
         bos_id = tok.bos_id if tok.add_bos else None
         im = collect(model, tokens, args.ctx_size, bos_id, args.chunks,

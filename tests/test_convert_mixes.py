@@ -249,7 +249,7 @@ def test_dry_run_prints_each_tensors_type_and_bytes(tiny_f32: Path) -> None:
              if ln.startswith("  ")}
     # blk.0.attn_v: 64 x 256 in Q6_K = 64 rows of one 210-byte super-block
     assert lines["blk.0.attn_v.weight"][1:5] == ["64x256", "F32", "->", "Q6_K"]
-    assert lines["blk.0.attn_v.weight"][5:] == ["13.1", "KiB"]
+    assert lines["blk.0.attn_v.weight"][5:] == ["13.1", "KiB", "reference"]  # no K-quant search
     assert lines["blk.1.attn_v.weight"][4] == "Q4_K"  # 8 layers: more bits for 0, 3, 6, 7
     assert lines["output.weight"][4] == "Q6_K"
     assert "(MOSTLY_Q4_K_M)" in text.getvalue()

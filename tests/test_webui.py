@@ -140,12 +140,14 @@ class Page:
         return self
 
     def settings(self, max_tokens: int, temperature: float = 0.0) -> None:
+        assert not self.el("#settings").is_displayed()
         self.el("#toggle-settings").click()
         for selector, value in (("#max-tokens", max_tokens), ("#temperature", temperature)):
             box = self.el(selector)
             box.clear()
             box.send_keys(str(value))
         self.el("#toggle-settings").click()
+        assert not self.el("#settings").is_displayed()
 
     def ask(self, text: str) -> None:
         from selenium.webdriver.common.keys import Keys
@@ -261,7 +263,9 @@ def test_busy_server_is_a_readable_message(browser: Any, paced: RunningServer) -
     body = {"model": "tiny", "max_tokens": LONG_ANSWER, "stream": True,
             "messages": [{"role": "user", "content": "hold the slot"}]}
     url = paced.v1 + "/chat/completions"
-    health = lambda: httpx.get(paced.url + "/health").json()  # noqa: E731
+
+    def health() -> dict[str, int]:
+        return httpx.get(paced.url + "/health").json()
     with httpx.stream("POST", url, json=body, timeout=WAIT_S):
         wait_for("the one slot busy", lambda: health()["slots_busy"] == 1)
         with httpx.stream("POST", url, json=body, timeout=WAIT_S):
@@ -373,6 +377,7 @@ def test_smollm2_conversation_screenshot(browser: Any, smollm2_path: Path) -> No
     """A real conversation; its screenshot for the README when ALPACA_CPU_WEBUI_SCREENSHOT
     names a file; prints the page's load time and the first token's time."""
     llama = Llama(smollm2_path, n_ctx=2048, n_threads=2, n_seq_max=1)
+    browser.set_window_size(1000, 1000)
     with running_server(llama, model_id="SmolLM2-135M-Instruct.Q4_1") as s:
         t0 = time.perf_counter()
         page = Page(browser, s.url).open(fresh=False)
@@ -392,3 +397,4 @@ def test_smollm2_conversation_screenshot(browser: Any, smollm2_path: Path) -> No
         print(f"\nwebui: page ready {ready_ms:.0f} ms after navigation; first stats: {stats}; "
               f"load to first token {ready_ms + first_ms:.0f} ms (+ typing)")
         assert page.el(".msg.assistant .stats").text.endswith("ms")
+    browser.set_window_size(1100, 760)

@@ -24,13 +24,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import require_tool
+from conftest import REPO, require_tool
 from server_util import RunningServer, running_server
 from test_api_inputs import write_tiny_llama
 
 from alpaca_cpu.llama import GenerationStep, Llama
 from alpaca_cpu.server.scheduler import Request, Scheduler
-from alpaca_cpu.server.webui import FILES
+from alpaca_cpu.server.webui import FILES, read_files
 
 N_CTX = 1024
 EOS = 2  # </s> in write_tiny_llama's vocabulary
@@ -82,7 +82,8 @@ def browser() -> Iterator[Any]:
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         require_tool("selenium", "pip install selenium (in the [test] extra)")
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
     if chromium is None or driver_path is None:
         require_tool("chromium", "apt-get install chromium chromium-driver (Debian/Ubuntu "
                      "packages; .ci/run installs them)")
@@ -284,6 +285,17 @@ def test_busy_server_is_a_readable_message(browser: Any, paced: RunningServer) -
     assert not page.el("#error").is_displayed()
 
 
+def test_context_full_is_a_readable_message(browser: Any, paced: RunningServer) -> None:
+    page = Page(browser, paced.url).open().ready()
+    from selenium.webdriver.common.keys import Keys
+    page.js("arguments[0].value = arguments[1]", page.el("#prompt"), "llama " * N_CTX)
+    page.el("#prompt").send_keys(Keys.ENTER)
+    error = wait_for("the error", lambda: page.el("#error").is_displayed()
+                     and page.el("#error").text)
+    assert error.startswith("The conversation no longer fits in the model's context"), error
+    assert f"more than the context of {N_CTX}" in error
+
+
 def test_api_key_is_asked_once_per_tab(browser: Any, tiny_path: Path) -> None:
     from selenium.webdriver.common.keys import Keys
     with running_server(tiny_llama(tiny_path), api_key=API_KEY) as s:
@@ -362,6 +374,11 @@ def test_page_is_self_contained_and_can_be_turned_off(tiny_path: Path) -> None:
         for name in FILES:
             text = httpx.get(s.url + ("/" if name == "index.html" else f"/webui/{name}")).text
             assert re.findall(r"(?:https?:)?//[\w.-]+\.\w", text) == [], name
+    # The README's page weight is the files' size.
+    sizes = {name: len(body) for name, body in read_files().items()}
+    readme = (REPO / "README.md").read_text()
+    weight = re.search(r"three files, ([\d,]+) bytes in all", readme)
+    assert weight and int(weight.group(1).replace(",", "")) == sum(sizes.values()), sizes
     with running_server(llama, webui=False) as s:
         assert httpx.get(s.url + "/").status_code == 404
         assert httpx.get(s.url + "/webui/app.js").status_code == 404

@@ -338,7 +338,14 @@ def test_model_markup_is_shown_as_text(browser: Any, tiny_path: Path) -> None:
         assert page.el(".codeblock code").get_attribute("textContent") == \
             "<script>window.__pwned = 4</script>"
         assert page.el(".codeblock .lang").text == "html"
-        assert page.els(".codeblock .copy")[0].text == "Copy"
+        copy = page.el(".codeblock .copy")
+        assert copy.text == "Copy"
+        copy.click()
+        wait_for("the copy done", lambda: copy.text == "Copied")
+        # What was copied is the code as text: paste it into the prompt box.
+        from selenium.webdriver.common.keys import Keys
+        page.el("#prompt").send_keys(Keys.CONTROL, "v")
+        assert page.el("#prompt").get_attribute("value") == "<script>window.__pwned = 4</script>"
 
 
 def test_phone_width(browser: Any, paced: RunningServer) -> None:

@@ -317,6 +317,7 @@ async function fetchModel() {
     const body = await r.json();
     model = body.data[0].id;
     $("model-name").textContent = model;
+    document.title = model + " \u00b7 alpaca-server";
     return;
   }
 }

@@ -378,6 +378,7 @@ def test_page_is_self_contained_and_can_be_turned_off(tiny_path: Path) -> None:
         page = httpx.get(s.url + "/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert httpx.head(s.url + "/").status_code == 200
         for name in ("app.js", "style.css"):
             r = httpx.get(f"{s.url}/webui/{name}")
             assert r.status_code == 200 and r.headers["content-type"] == FILES[name]

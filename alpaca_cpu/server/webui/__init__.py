@@ -38,14 +38,14 @@ def mount(app: FastAPI) -> None:
     def serve(name: str) -> Response:
         return Response(files[name], media_type=FILES[name], headers=headers)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> Response:
         return serve("index.html")
 
-    @app.get("/webui/app.js", include_in_schema=False)
+    @app.api_route("/webui/app.js", methods=["GET", "HEAD"], include_in_schema=False)
     async def script() -> Response:
         return serve("app.js")
 
-    @app.get("/webui/style.css", include_in_schema=False)
+    @app.api_route("/webui/style.css", methods=["GET", "HEAD"], include_in_schema=False)
     async def style() -> Response:
         return serve("style.css")

@@ -84,9 +84,11 @@ def browser() -> Iterator[Any]:
         require_tool("selenium", "pip install selenium (in the [test] extra)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        require_tool("chromium", "apt-get install chromium chromium-driver (Debian/Ubuntu "
-                     "packages; .ci/run installs them)")
+    missing = [name for name, path in (("chromium", chromium), ("chromium-driver", driver_path))
+               if path is None]
+    if missing:
+        require_tool(" and ".join(missing), "apt-get install chromium chromium-driver "
+                     "(Debian/Ubuntu packages; .ci/run installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -12,6 +12,10 @@ Built-in formats:
   Multi-turn conversations repeat ``### Instruction:`` / ``### Response:`` sections.
 - ``chatml``: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message.
 - ``llama-2``: Meta's reference ``chat_completion`` layout.
+- ``llama-3``: ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`` per message
+  (contents stripped), as Meta's Llama 3 Instruct template and llama.cpp's built-in ``llama3``.
+- ``mistral``: Mistral's v3 instruct layout (Mistral 7B Instruct v0.3, Mixtral 8x22B), as its
+  official template renders a conversation without tools.
 
 BOS: the built-in formats never start with a BOS token (the tokenizer adds it, as with
 llama-cpp-python); ``llama-2`` does contain ``</s><s>`` between turns, and ``chatml`` its control
@@ -38,10 +42,12 @@ __all__ = [
     "ChatMLChatFormatter",
     "JinjaChatFormatter",
     "Llama2ChatFormatter",
+    "Llama3ChatFormatter",
+    "MistralChatFormatter",
     "get_chat_formatter",
 ]
 
-BUILTIN_FORMATS = ("alpaca", "chatml", "llama-2")
+BUILTIN_FORMATS = ("alpaca", "chatml", "llama-2", "llama-3", "mistral")
 
 
 class ChatFormatter(Protocol):
@@ -141,6 +147,17 @@ def _role_content_pairs(
     return pairs
 
 
+def _check_alternating(pairs: list[tuple[str, str]], format_name: str) -> None:
+    """Roles user, assistant, user, ... (after the system message was taken off)."""
+    for i, (role, _) in enumerate(pairs):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(
+                f"{format_name}: roles must alternate user/assistant after an optional system "
+                f"message; got {role!r} where {expected!r} belongs"
+            )
+
+
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
@@ -231,13 +248,7 @@ class Llama2ChatFormatter:
             if not pairs:
                 raise ValueError("llama-2: a system message must be followed by a user message")
             pairs[0] = (pairs[0][0], f"<<SYS>>\n{system}\n<</SYS>>\n\n{pairs[0][1]}")
-        for i, (role, _) in enumerate(pairs):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(
-                    f"llama-2: roles must alternate user/assistant after an optional system "
-                    f"message; got {role!r} where {expected!r} belongs"
-                )
+        _check_alternating(pairs, "llama-2")
         turns = []
         for i in range(0, len(pairs), 2):
             user = pairs[i][1].strip()
@@ -249,8 +260,62 @@ class Llama2ChatFormatter:
         return text + "</s>" if len(pairs) % 2 == 0 and pairs else text
 
 
+class Llama3ChatFormatter:
+    """Llama 3 Instruct: ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
+    per message, any role, contents stripped; the generation prompt is
+    ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``. Without the template's leading
+    ``<|begin_of_text|>`` (the tokenizer adds BOS)."""
+
+    stop: tuple[str, ...] = ("<|eot_id|>",)
+
+    def render(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        pairs = _role_content_pairs(messages, "llama-3", None)
+        text = "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
+                       for role, content in pairs)
+        if add_generation_prompt:
+            text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        return text
+
+
+class MistralChatFormatter:
+    """Mistral v3 instruct (Mistral 7B Instruct v0.3), as its official template renders a
+    conversation without tools::
+
+        [INST] {user}[/INST] {answer}</s>[INST] {system}\\n\\n{last user}[/INST]
+
+    An optional first system message goes into the last message when that is a user message
+    (as in the official template, it is left out of a conversation that ends with an answer);
+    roles must alternate user / assistant after it; answers are stripped. Without the template's leading ``<s>`` (the
+    tokenizer adds BOS). A user turn always ends with ``[/INST]``, so ``add_generation_prompt``
+    changes nothing here.
+    """
+
+    stop: tuple[str, ...] = ()
+    _ROLES = frozenset({"system", "user", "assistant"})
+
+    def render(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        pairs = _role_content_pairs(messages, "mistral", self._ROLES)
+        system = pairs.pop(0)[1] if pairs and pairs[0][0] == "system" else None
+        _check_alternating(pairs, "mistral")
+        parts = []
+        for i, (role, content) in enumerate(pairs):
+            if role == "assistant":
+                parts.append(f" {content.strip()}</s>")
+            elif i == len(pairs) - 1 and system is not None:
+                parts.append(f"[INST] {system}\n\n{content}[/INST]")
+            else:
+                parts.append(f"[INST] {content}[/INST]")
+        return "".join(parts)
+
+
 _BUILTINS: dict[str, Callable[[], ChatFormatter]] = {
     "alpaca": AlpacaChatFormatter,
     "chatml": ChatMLChatFormatter,
     "llama-2": Llama2ChatFormatter,
+    "llama-3": Llama3ChatFormatter,
+    "mistral": MistralChatFormatter,
 }

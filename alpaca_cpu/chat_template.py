@@ -129,7 +129,7 @@ def _short(error: BaseException) -> str:
 class JinjaChatFormatter:
     """Renders a Hugging Face / GGUF chat template (Jinja) the way ``transformers``'
     ``apply_chat_template`` does: variables ``messages``, ``add_generation_prompt``,
-    ``bos_token``, ``eos_token``; functions ``raise_exception`` and ``strftime_now``; the
+    ``tools``, ``bos_token``, ``eos_token``; functions ``raise_exception`` and ``strftime_now``; the
     ``tojson`` filter without HTML escaping; ``trim_blocks`` and ``lstrip_blocks`` on.
 
     The template is untrusted. It renders in jinja2's immutable sandbox under a budget (see the
@@ -173,8 +173,14 @@ class JinjaChatFormatter:
             ) from error
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
+        """The prompt text; ``tools`` (OpenAI-style function descriptions) reaches the template
+        as ``tools``, ``None`` when there are none, as ``transformers`` passes it."""
+        if tools is not None and (isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence)
+                                  or not all(isinstance(t, Mapping) for t in tools)):
+            raise ValueError("tools must be a list of mappings")
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise ValueError(  # noqa: TRY004
                 "messages must be a list of {'role': ..., 'content': ...} mappings"
@@ -186,12 +192,15 @@ class JinjaChatFormatter:
                 )
         known: dict[int, int] = {}
         plain_messages, input_size = _plain(messages, "messages", 0, known)
-        budget = _RenderBudget(input_size + len(self.bos_token) + len(self.eos_token), known)
+        plain_tools, tools_size = (None, 0) if tools is None else _plain(tools, "tools", 0, known)
+        budget = _RenderBudget(input_size + tools_size + len(self.bos_token)
+                               + len(self.eos_token), known)
 
         reset = _ACTIVE_BUDGET.set(budget)
         stream = self._template.generate(
             messages=plain_messages,
             add_generation_prompt=bool(add_generation_prompt),
+            tools=plain_tools,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )

@@ -21,6 +21,12 @@ class ModelConfig:
     rms_eps: float
     context_length: int  # the context the model was trained with
     tied_embeddings: bool  # True when there is no output.weight and token_embd is reused
+    # llama.cpp's linear RoPE scaling ('llama.rope.scaling.type' = linear): positions are divided
+    # by this factor (1.0: none).
+    rope_scaling_factor: float = 1.0
+    # A rope_freqs.weight tensor (n_rot / 2 F32 values, Llama-3 RoPE scaling): the angle of
+    # frequency i is divided by value i (docs/design.md, decision 4).
+    has_rope_freqs: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -39,9 +45,9 @@ class ModelConfig:
         """Bytes of the K and V caches for n_ctx positions."""
         return 2 * self.n_layers * n_ctx * self.kv_dim * (2 if kv_f16 else 4)
 
-    def to_metadata(self) -> dict[str, int | float]:
+    def to_metadata(self) -> dict[str, int | float | str]:
         """The GGUF `llama.*` keys that describe this config (what gguf_file reads back)."""
-        md: dict[str, int | float] = {
+        md: dict[str, int | float | str] = {
             "llama.vocab_size": self.n_vocab,
             "llama.context_length": self.context_length,
             "llama.embedding_length": self.dim,
@@ -56,10 +62,14 @@ class ModelConfig:
         if self.q_dim != self.dim:  # readers take head size = dim / n_heads otherwise
             md["llama.attention.key_length"] = self.head_dim
             md["llama.attention.value_length"] = self.head_dim
+        if self.rope_scaling_factor != 1.0:
+            md["llama.rope.scaling.type"] = "linear"
+            md["llama.rope.scaling.factor"] = self.rope_scaling_factor
         return md
 
     def to_hparams(self) -> dict[str, int | float]:
         """The dict the native core's Model constructor takes."""
         d = asdict(self)
         del d["context_length"], d["tied_embeddings"]
+        del d["rope_scaling_factor"], d["has_rope_freqs"]  # the core takes rope_divisors()
         return d

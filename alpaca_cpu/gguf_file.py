@@ -33,6 +33,8 @@ MAX_FFN = 1 << 20
 MAX_CONTEXT = 1 << 24
 MAX_ROPE_BASE = 1e12  # open interval (0, MAX_ROPE_BASE)
 MAX_RMS_EPS = 1.0  # open interval (0, MAX_RMS_EPS)
+MAX_ROPE_SCALING = 1e4  # linear RoPE scaling factor: open interval (0, MAX_ROPE_SCALING)
+ROPE_FREQS = "rope_freqs.weight"
 
 
 @dataclass
@@ -52,6 +54,18 @@ class ModelFile:
     config: ModelConfig
     metadata: dict[str, Any]
     tensors: dict[str, Tensor] = field(repr=False)
+
+    def rope_divisors(self) -> np.ndarray | None:
+        """(n_rot / 2) float32: what the angle pos * base^(-2i/n_rot) of frequency i is divided
+        by, or None for plain RoPE: rope_freqs.weight (Llama-3 scaling) times the linear
+        scaling factor (llama.cpp applies both, as theta * freq_scale / freq_factor)."""
+        cfg = self.config
+        if not cfg.has_rope_freqs and cfg.rope_scaling_factor == 1.0:
+            return None
+        div = np.ones(cfg.n_rot // 2, np.float64)
+        if cfg.has_rope_freqs:
+            div *= self.tensors[ROPE_FREQS].data.view(np.float32)
+        return (div * cfg.rope_scaling_factor).astype(np.float32)
 
 
 def _err(path: Path, what: str) -> ModelFileError:
@@ -128,10 +142,7 @@ def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]
     rms_eps = _float_key(path, md, "llama.attention.layer_norm_rms_epsilon", 0.0, MAX_RMS_EPS,
                          None)
     context_length = _int_key(path, md, "llama.context_length", 1, MAX_CONTEXT)
-    scaling = md.get("llama.rope.scaling.type")
-    if scaling not in (None, "none") or "rope_freqs.weight" in tensor_names:
-        raise _err(path, "RoPE scaling ('llama.rope.scaling.*' or rope_freqs.weight) "
-                         "is not supported")
+    rope_scaling_factor = _rope_scaling_factor(path, md)
     tokens = md.get("tokenizer.ggml.tokens")
     default_vocab = len(tokens) if isinstance(tokens, list) else None
     n_vocab = _int_key(path, md, "llama.vocab_size", 1, MAX_VOCAB, default=default_vocab)
@@ -139,7 +150,28 @@ def _config_from_metadata(path: Path, md: dict[str, Any], tensor_names: set[str]
         n_vocab=n_vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=head_dim, ffn_dim=ffn_dim, n_rot=n_rot, rope_base=rope_base, rms_eps=rms_eps,
         context_length=context_length, tied_embeddings="output.weight" not in tensor_names,
+        rope_scaling_factor=rope_scaling_factor, has_rope_freqs=ROPE_FREQS in tensor_names,
     )
+
+
+def _rope_scaling_factor(path: Path, md: dict[str, Any]) -> float:
+    """The linear RoPE scaling factor, read as llama.cpp reads it: the type is 'linear' unless
+    'llama.rope.scaling.type' says otherwise; the factor is 'llama.rope.scaling.factor' (or the
+    older 'llama.rope.scale_linear'), where absent or 0 means none."""
+    kind = md.get("llama.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        raise _err(path, f"metadata key 'llama.rope.scaling.type' = {kind!r}, expected 'none' or "
+                         "'linear' (YaRN and LongRoPE scaling are not supported)")
+    attn_factor = md.get("llama.rope.scaling.attn_factor", 1.0)
+    if attn_factor != 1.0:
+        raise _err(path, f"metadata key 'llama.rope.scaling.attn_factor' = {attn_factor!r}, "
+                         "expected 1.0 (scaled attention is not supported)")
+    key = "llama.rope.scaling.factor"
+    if key not in md and "llama.rope.scale_linear" in md:
+        key = "llama.rope.scale_linear"
+    if md.get(key, 0.0) == 0.0 or kind == "none":
+        return 1.0
+    return _float_key(path, md, key, 0.0, MAX_ROPE_SCALING, None)
 
 
 def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -150,6 +182,8 @@ def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not cfg.tied_embeddings:
         shapes["output.weight"] = (cfg.dim, cfg.n_vocab)
+    if cfg.has_rope_freqs:
+        shapes[ROPE_FREQS] = (cfg.n_rot // 2,)
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         shapes |= {
@@ -192,7 +226,7 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
             raise _err(path, f"tensor '{name}' has type {qtype.name}, expected one of "
                              f"{', '.join(sorted(q.name for q in WEIGHT_TYPES))}")
         if len(shape) == 1 and qtype != GGMLQuantizationType.F32:
-            raise _err(path, f"tensor '{name}' has type {qtype.name}, expected F32 for a norm")
+            raise _err(path, f"tensor '{name}' has type {qtype.name}, expected F32 for a vector")
         block, block_bytes = traits(qtype).block_size, traits(qtype).type_size
         if shape[0] % block:  # the reader checks this too; the kernels depend on it
             raise _err(path, f"tensor '{name}' row length {shape[0]} is not a multiple of {block}")
@@ -200,4 +234,11 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
         assert data.size == math.prod(shape) // block * block_bytes  # the reader's invariant
         rows = shape[1] if len(shape) == 2 else 1
         tensors[name] = Tensor(name, qtype, rows, shape[0], data)
+    if cfg.has_rope_freqs:
+        freqs = tensors[ROPE_FREQS].data.view(np.float32)
+        bad = ~(np.isfinite(freqs) & (freqs > 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise _err(path, f"tensor '{ROPE_FREQS}' value {i} is {float(freqs[i])!r}, expected "
+                             "finite positive RoPE frequency divisors")
     return ModelFile(path=path, config=cfg, metadata=md, tensors=tensors)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import _core
 from .config import ModelConfig
-from .gguf_file import ModelFile, open_model_file
+from .gguf_file import ROPE_FREQS, ModelFile, open_model_file
 from .system import available_memory_bytes, physical_cores
 
 # Activations, scratch and the interpreter on top of weights and KV cache: a model that needs
@@ -90,6 +91,13 @@ class Model:
         self.config: ModelConfig = mf.config
         self.metadata: dict[str, Any] = mf.metadata
         tensors = {name: (int(t.type), t.rows, t.cols, t.data) for name, t in mf.tensors.items()}
+        # The core takes RoPE scaling as one vector of per-frequency divisors, under the name
+        # of the tensor it generalizes (the linear factor folded in; None: plain RoPE).
+        divisors = mf.rope_divisors()
+        tensors.pop(ROPE_FREQS, None)
+        if divisors is not None:
+            tensors[ROPE_FREQS] = (int(GGMLQuantizationType.F32), 1, divisors.size,
+                                   divisors.view(np.uint8))
         self._core = _core.Model(self.config.to_hparams(), tensors, n_ctx, n_threads,
                                  kv_type == "f16", n_slots)
         # The native model owns repacked copies; drop the file mapping.

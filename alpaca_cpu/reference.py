@@ -24,12 +24,16 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x64 * scale).astype(np.float32) * weight
 
 
-def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float) -> np.ndarray:
-    """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]) of each head by pos * base^(-2i/n_rot).
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float,
+         divisors: np.ndarray | None = None) -> np.ndarray:
+    """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]) of each head by
+    pos * base^(-2i/n_rot) / divisors[i] (RoPE scaling; None: all 1).
 
-    x: (n_tok, n_heads, head_dim); positions: (n_tok,).
+    x: (n_tok, n_heads, head_dim); positions: (n_tok,); divisors: (n_rot/2,).
     """
     inv_freq = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)  # (n_rot/2)
+    if divisors is not None:
+        inv_freq = inv_freq / divisors.astype(np.float64)
     ang = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (n_tok, n_rot/2)
     cos = np.cos(ang)[:, None, :].astype(np.float32)
     sin = np.sin(ang)[:, None, :].astype(np.float32)
@@ -52,6 +56,7 @@ class ReferenceModel:
         self.config: ModelConfig = mf.config
         self.n_ctx = n_ctx
         self.w = {name: dequantize(t.data, t.type, t.cols) for name, t in mf.tensors.items()}
+        self.rope_divisors = mf.rope_divisors()
         c = self.config
         self.k_cache = np.zeros((c.n_layers, n_ctx, c.n_kv_heads, c.head_dim), np.float32)
         self.v_cache = np.zeros_like(self.k_cache)
@@ -76,8 +81,8 @@ class ReferenceModel:
             q = (xb @ w[p + "attn_q.weight"].T).reshape(n, c.n_heads, c.head_dim)
             k = (xb @ w[p + "attn_k.weight"].T).reshape(n, c.n_kv_heads, c.head_dim)
             v = (xb @ w[p + "attn_v.weight"].T).reshape(n, c.n_kv_heads, c.head_dim)
-            q = rope(q, pos, c.n_rot, c.rope_base)
-            k = rope(k, pos, c.n_rot, c.rope_base)
+            q = rope(q, pos, c.n_rot, c.rope_base, self.rope_divisors)
+            k = rope(k, pos, c.n_rot, c.rope_base, self.rope_divisors)
             self.k_cache[i, start_pos:end] = k
             self.v_cache[i, start_pos:end] = v
             # scores = q k^T / sqrt(head_dim), causal softmax; query head h uses kv head h // group

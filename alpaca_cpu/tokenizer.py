@@ -25,15 +25,19 @@ _KEY = "tokenizer.ggml."
 MODEL_KEY = _KEY + "model"
 PRE_KEY = _KEY + "pre"
 
-# Token texts llama.cpp treats as end of generation, and the ones it picks an EOT token from
-# when the file names none. llama.cpp takes whichever its hash map yields first; we take the
-# lowest id, which is llama.cpp's pick on SmolLM2 (<|endoftext|> before <|im_end|>).
+# Token texts llama.cpp (src/llama-vocab.cpp at 0c1e570) treats as end of generation, and the
+# ones it picks an EOT token from when the file names none. llama.cpp takes whichever its hash
+# map yields first; we take the lowest id, which is llama.cpp's pick on SmolLM2 (<|endoftext|>
+# before <|im_end|>).
 _EOG_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[",
 )  # fmt: skip
 _EOT_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
-    "<｜end▁of▁sentence｜>",
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+    "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
 )  # fmt: skip
 # Fill-in-the-middle tokens: metadata keys (newest first) and texts llama.cpp recognises. The
 # pad / repo / file-separator ones also end generation.
@@ -417,6 +421,13 @@ def _detect_by_text(
         if text in id_of:
             eog.add(id_of[text])
             types[id_of[text]] = TokenType.CONTROL
+    # gpt-oss / solar-open: there "<|end|>" ends a message, not the generation
+    has = {text for text in ("<|return|>", "<|call|>", "<|calls|>", "<|flush|>", "<|end|>")
+           if text in id_of and id_of[text] in eog}
+    has_call = bool(has & {"<|call|>", "<|calls|>"})
+    if "<|end|>" in has and has_call and bool(has & {"<|return|>", "<|flush|>"}):
+        eog.discard(id_of["<|end|>"])
+        types[id_of["<|end|>"]] = TokenType.USER_DEFINED
     return {i for i in eog if i is not None}
 
 

@@ -45,9 +45,9 @@ DEFAULT_LLAMA_BENCH = "/tmp/llama.cpp/build/bin/llama-bench"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
-def run_json(cmd: list[str]) -> list[dict[str, Any]]:
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run a benchmark that prints a JSON list on stdout; its stderr is shown only on failure."""
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
@@ -178,13 +178,15 @@ def ratios(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]],
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Median over rounds of each (model, threads, test, api) comparison."""
+    """Median over rounds of each (model, threads, test, api, isa) comparison; with several of
+    our ISAs, each one's speed also as a ratio to the first one's (`vs_isa`, `isa_ratio`)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["n_threads"], row["test"], row["api"]), []).append(row)
+        key = (row["model"], row["n_threads"], row["test"], row["api"], row["isa"])
+        groups.setdefault(key, []).append(row)
     out = []
-    for (model, n_threads, test, api), rs in groups.items():
-        entry = {"model": model, "n_threads": n_threads, "test": test, "api": api,
+    for (model, n_threads, test, api, isa), rs in groups.items():
+        entry = {"model": model, "n_threads": n_threads, "test": test, "api": api, "isa": isa,
                  "rounds": len(rs),
                  "alpaca_ts": statistics.median(r["alpaca_ts"] for r in rs),
                  "llama_cpp_ts": statistics.median(r["llama_cpp_ts"] for r in rs),
@@ -193,6 +195,12 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if key in rs[0]:
                 entry[key] = statistics.median(r[key] for r in rs)
         out.append(entry)
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for e in out:  # groups keep the order rows came in: each test's first ISA comes first
+        base = first.setdefault((e["model"], e["n_threads"], e["test"], e["api"]), e)
+        if base is not e:
+            e["vs_isa"] = base["isa"]
+            e["isa_ratio"] = e["alpaca_ts"] / base["alpaca_ts"]
     return out
 
 
@@ -209,20 +217,25 @@ def machine() -> dict[str, Any]:
 
 
 def print_summary(summary: Sequence[dict[str, Any]]) -> None:
-    print("| model | threads | test | api | alpaca t/s | llama.cpp t/s | ratio | bw fraction "
-          "(ours / llama.cpp) |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| model | threads | test | api | isa | alpaca t/s | llama.cpp t/s | ratio | vs first "
+          "isa | bw fraction (ours / llama.cpp) |")
+    print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for s in summary:
         bw = (f"{s['alpaca_bandwidth_fraction']:.1%} / {s['llama_cpp_bandwidth_fraction']:.1%}"
               if "alpaca_bandwidth_fraction" in s else "-")
+        vs = f"{s['isa_ratio']:.2f}" if "isa_ratio" in s else "-"
         print(f"| {Path(s['model']).name} | {s['n_threads']} | {s['test']} | {s['api']} | "
-              f"{s['alpaca_ts']:.2f} | {s['llama_cpp_ts']:.2f} | {s['ratio']:.2f} | {bw} |")
+              f"{s['isa']} | {s['alpaca_ts']:.2f} | {s['llama_cpp_ts']:.2f} | {s['ratio']:.2f} | "
+              f"{vs} | {bw} |")
 
 
 def run_side(who: str, model: str, n_threads: int, a: argparse.Namespace) -> list[dict[str, Any]]:
-    """The records of one side ("alpaca" or "llama.cpp") for one file and thread count."""
-    if who == "alpaca":
-        return run_json(alpaca_bench_cmd(model, n_threads, a))
+    """The records of one side ("alpaca", "alpaca:<isa>" or "llama.cpp") for one file and thread
+    count; "alpaca:<isa>" forces our kernels to that ISA (ALPACA_CPU_ISA)."""
+    if who.startswith("alpaca"):
+        isa = who.partition(":")[2]
+        env = {**os.environ, "ALPACA_CPU_ISA": isa} if isa else None
+        return run_json(alpaca_bench_cmd(model, n_threads, a), env)
     if a.n_depth:
         return llama_cpp_at_depth(a, model, n_threads, log)
     return run_json(llama_bench_cmd(a.llama_bench, model, n_threads, a))
@@ -246,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (default 1)")
     ap.add_argument("--api", default="model,llama", help="alpaca-bench --api (default both)")
     ap.add_argument("--bandwidth-mib", type=int, default=1024)
+    ap.add_argument("--isa", default="",
+                    help="our kernel ISAs to run, comma separated, e.g. avx2,avx512_vnni "
+                         "(default: the one chosen at import); each is compared with llama.cpp "
+                         "and with the first")
     ap.add_argument("--llama-bench", default=DEFAULT_LLAMA_BENCH,
                     help=f"llama.cpp's llama-bench binary (default {DEFAULT_LLAMA_BENCH})")
     ap.add_argument("--llama-batched-bench", default=None,
@@ -270,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         ap.error(f"no such model file: {missing[0]}")
 
+    ours = [f"alpaca:{isa.strip()}" for isa in a.isa.split(",") if isa.strip()] or ["alpaca"]
     theirs_all: list[dict[str, Any]] = []
     ours_all: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
@@ -277,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(a.rounds):
             for model in a.model:
                 for n_threads in threads:
-                    sides = ["llama.cpp", "alpaca"]
+                    sides = ["llama.cpp", *ours]
                     if round_no % 2:
                         sides.reverse()
                     got: dict[str, list[dict[str, Any]]] = {}
@@ -287,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                         got[who] = [{**r, "round": round_no}
                                     for r in run_side(who, model, n_threads, a)]
                     theirs_all += got["llama.cpp"]
-                    ours_all += got["alpaca"]
-                    rows += ratios(got["alpaca"], got["llama.cpp"], round_no, model)
+                    for who in ours:  # in --isa order, whatever order they ran in
+                        ours_all += got[who]
+                        rows += ratios(got[who], got["llama.cpp"], round_no, model)
     except RuntimeError as e:
         print(f"compare_llama_cpp: error: {e}", file=sys.stderr)
         return 1
@@ -301,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp_build": sorted({str(r["build_commit"]) for r in theirs_all if "build_commit" in r}),
         "settings": {"models": a.model, "threads": threads, "n_prompt": a.n_prompt,
                      "n_gen": a.n_gen, "n_depth": a.n_depth, "repetitions": a.repetitions,
-                     "rounds": a.rounds, "api": a.api, "bandwidth_mib": a.bandwidth_mib},
+                     "rounds": a.rounds, "api": a.api, "bandwidth_mib": a.bandwidth_mib,
+                     "isas": a.isa or "default"},
         "summary": summary, "ratios": rows, "llama_cpp": theirs_all, "alpaca": ours_all,
     }
     a.out_dir.mkdir(parents=True, exist_ok=True)

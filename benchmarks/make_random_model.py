@@ -5,13 +5,20 @@
         -o llama7b-v49152.Q4_0.gguf
     python benchmarks/make_random_model.py --shape custom --layers 2 --dim 64 --heads 4 \
         --kv-heads 2 --ffn 96 --vocab 320 --type q8_0 -o tiny.gguf
+    python benchmarks/make_random_model.py --shape llama3.2-1b --mix q4_k_m \
+        -o llama3.2-1b.Q4_K_M.gguf
 
 Speed does not depend on the values, so the weights are uniform noise scaled to unit-variance
-activations (no NaN or overflow on any path, F16 included). Every matrix, the token embedding and
-the output matrix included, is written in `--type` so that llama.cpp and alpaca-cpu read exactly
-the same bytes per token; norm weights stay F32. The file carries a minimal SentencePiece-style
-vocabulary (<unk>, <s>, </s>, the 256 byte tokens, then dummy pieces up to `--vocab`) so that
-both alpaca-cpu (`Llama`, tokenizer included) and llama.cpp (`llama-bench`) load it.
+activations (no NaN or overflow on any path, F16 included). With `--type`, every matrix, the
+token embedding and the output matrix included, is written in that one type. With `--mix` (the
+converter's --outtype names: q4_k_m, q5_k_m, q6_k, q3_k_m, q2_k, q5_0, iq4_nl, ...) each matrix
+gets the type llama-quantize would give it in that mix: the converter's own plan
+(alpaca_convert.quant_plan), so these files are laid out like the ones people download. Norm
+weights stay F32. The named shapes are the real models' (Llama 3.2 1B: tied embeddings, a
+128256-token vocabulary and its Llama-3 RoPE scaling, written as rope_freqs.weight as llama.cpp's
+converter writes it). The file carries a minimal SentencePiece-style vocabulary (<unk>, <s>, </s>,
+the 256 byte tokens, then dummy pieces up to `--vocab`) so that both alpaca-cpu (`Llama`,
+tokenizer included) and llama.cpp (`llama-bench`) load it.
 
 Tensors are generated, quantized with the engine's own quantizers and written one at a time, in
 row chunks, so memory stays at about one quantized tensor plus one chunk (the 3.9 GB LLaMA-7B
@@ -28,22 +35,28 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from alpaca_convert.quant_plan import MIXES, Mix, tensor_type
+from alpaca_convert.rope_scaling import ROPE_FREQS, Llama3Scaling
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from alpaca_cpu import _core
+from alpaca_cpu.config import ModelConfig
 from alpaca_cpu.system import physical_cores
 
 T = GGMLQuantizationType
+F = LlamaFileType
 
-TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "f16": (T.F16, LlamaFileType.MOSTLY_F16),
-    "q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-    "q4_1": (T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
-    "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+# --type: one type for every matrix, the output matrix and the token embedding included; written
+# as a Mix without rules whose output type is its main type, so one planner serves both options.
+TYPES: dict[str, Mix] = {
+    "f16": Mix(F.MOSTLY_F16, T.F16),
+    "q4_0": Mix(F.MOSTLY_Q4_0, T.Q4_0, T.Q4_0),
+    "q4_1": Mix(F.MOSTLY_Q4_1, T.Q4_1, T.Q4_1),
+    "q8_0": Mix(F.MOSTLY_Q8_0, T.Q8_0, T.Q8_0),
 }
 
 # Random values generated per step: bounds the float32 scratch to 64 MiB whatever the tensor.
@@ -64,17 +77,36 @@ class Shape:
     n_heads: int
     n_kv_heads: int
     ffn_dim: int
+    n_vocab: int = 32000
+    tied: bool = False  # no output.weight: token_embd is also the output matrix
     context_length: int = 2048
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
+    rope_scaling: Llama3Scaling | None = None  # Llama 3.1+ RoPE: a rope_freqs.weight tensor
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def config(self) -> ModelConfig:
+        """The engine's hyper-parameters of this shape (what the quantization plan reads)."""
+        return ModelConfig(
+            n_vocab=self.n_vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, ffn_dim=self.ffn_dim,
+            n_rot=self.head_dim, rope_base=self.rope_base, rms_eps=self.rms_eps,
+            context_length=self.context_length, tied_embeddings=self.tied,
+            has_rope_freqs=self.rope_scaling is not None)
+
 
 SHAPES: dict[str, Shape] = {
     "tinyllama": Shape(n_layers=22, dim=2048, n_heads=32, n_kv_heads=4, ffn_dim=5632),
+    # meta-llama/Llama-3.2-1B config.json: rope_scaling {rope_type llama3, factor 32,
+    # low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192}
+    "llama3.2-1b": Shape(n_layers=16, dim=2048, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                         n_vocab=128256, tied=True, context_length=131072, rope_base=500000.0,
+                         rope_scaling=Llama3Scaling(factor=32.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0,
+                                                    original_context=8192)),
     "llama7b": Shape(n_layers=32, dim=4096, n_heads=32, n_kv_heads=32, ffn_dim=11008),
 }
 
@@ -85,6 +117,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # (rows, cols) with cols contiguous, or (n,) for norms
     type: GGMLQuantizationType
     scale: float  # values are uniform in [-scale, scale)
+    values: np.ndarray | None = field(default=None, compare=False)  # fixed values instead
 
     @property
     def nbytes(self) -> int:
@@ -92,8 +125,10 @@ class PlannedTensor:
         return math.prod(self.shape) // block * block_bytes
 
 
-def check_shape(shape: Shape, n_vocab: int, wtype: GGMLQuantizationType) -> None:
-    """Refuse shapes that neither engine can run, naming the value found and the rule."""
+def check_shape(shape: Shape, uniform: GGMLQuantizationType | None) -> None:
+    """Refuse shapes that neither engine can run, naming the value found and the rule. With one
+    `uniform` type the rows must be whole blocks of it; a mix falls back per tensor instead, as
+    llama-quantize does."""
     positive = {"layers": shape.n_layers, "dim": shape.dim, "heads": shape.n_heads,
                 "kv-heads": shape.n_kv_heads, "ffn": shape.ffn_dim,
                 "context-length": shape.context_length}
@@ -107,30 +142,37 @@ def check_shape(shape: Shape, n_vocab: int, wtype: GGMLQuantizationType) -> None
     if shape.n_heads % shape.n_kv_heads:
         raise ValueError(f"--heads {shape.n_heads} must be a multiple of --kv-heads "
                          f"{shape.n_kv_heads}")
-    block = GGML_QUANT_SIZES[wtype][0]
-    for name, cols in (("dim", shape.dim), ("ffn", shape.ffn_dim)):
-        if cols % block:
-            raise ValueError(f"--{name} = {cols} is not a multiple of {block}, the block size "
-                             f"of {wtype.name}")
-    if n_vocab < N_FIXED_TOKENS:
-        raise ValueError(f"--vocab = {n_vocab}, expected at least {N_FIXED_TOKENS} (<unk>, <s>, "
-                         "</s> and the 256 byte tokens)")
+    if uniform is not None:
+        block = GGML_QUANT_SIZES[uniform][0]
+        for name, cols in (("dim", shape.dim), ("ffn", shape.ffn_dim)):
+            if cols % block:
+                raise ValueError(f"--{name} = {cols} is not a multiple of {block}, the block "
+                                 f"size of {uniform.name}")
+    if shape.n_vocab < N_FIXED_TOKENS:
+        raise ValueError(f"--vocab = {shape.n_vocab}, expected at least {N_FIXED_TOKENS} (<unk>, "
+                         "<s>, </s> and the 256 byte tokens)")
 
 
-def tensor_plan(shape: Shape, n_vocab: int, wtype: GGMLQuantizationType,
-                tied: bool) -> list[PlannedTensor]:
-    """Every tensor of the file in GGUF names, in the order llama.cpp's converter writes them."""
+def tensor_plan(shape: Shape, mix: Mix) -> list[PlannedTensor]:
+    """Every tensor of the file in GGUF names, in the order llama.cpp's converter writes them,
+    each with the type the converter's quantization plan gives it in `mix`."""
     s = shape
+    config = s.config()
     kv_dim = s.n_kv_heads * s.head_dim
 
-    def mat(name: str, rows: int, cols: int) -> PlannedTensor:
+    def mat(name: str, rows: int, cols: int, scale: float | None = None) -> PlannedTensor:
         # sqrt(3 / cols): uniform weights whose dot product with unit activations has variance 1.
-        return PlannedTensor(name, (rows, cols), wtype, math.sqrt(3.0 / cols))
+        return PlannedTensor(name, (rows, cols), tensor_type(name, (rows, cols), mix, config),
+                             math.sqrt(3.0 / cols) if scale is None else scale)
 
     def norm(name: str) -> PlannedTensor:
         return PlannedTensor(name, (s.dim,), T.F32, 0.0)  # 0.0: all ones, as after init
 
-    plan = [PlannedTensor("token_embd.weight", (n_vocab, s.dim), wtype, math.sqrt(3.0))]
+    plan = []
+    if s.rope_scaling is not None:
+        freqs = s.rope_scaling.rope_freqs(s.rope_base, s.head_dim)
+        plan.append(PlannedTensor(ROPE_FREQS, freqs.shape, T.F32, 0.0, freqs))
+    plan.append(mat("token_embd.weight", s.n_vocab, s.dim, math.sqrt(3.0)))
     for i in range(s.n_layers):
         p = f"blk.{i}."
         plan += [norm(p + "attn_norm.weight"),
@@ -143,8 +185,8 @@ def tensor_plan(shape: Shape, n_vocab: int, wtype: GGMLQuantizationType,
                  mat(p + "ffn_up.weight", s.ffn_dim, s.dim),
                  mat(p + "ffn_down.weight", s.dim, s.ffn_dim)]
     plan.append(norm("output_norm.weight"))
-    if not tied:
-        plan.append(mat("output.weight", n_vocab, s.dim))
+    if not s.tied:
+        plan.append(mat("output.weight", s.n_vocab, s.dim))
     return plan
 
 
@@ -162,15 +204,17 @@ def tokenizer_metadata(n_vocab: int) -> tuple[list[str], list[float], list[int]]
 
 def random_tensor(t: PlannedTensor, rng: np.random.Generator, n_threads: int) -> np.ndarray:
     """The tensor's bytes as written to the file: F32/F16 values or GGML blocks (uint8)."""
-    if t.type == T.F32:
-        return np.ones(t.shape, np.float32)
+    if t.values is not None:
+        return t.values
+    if len(t.shape) == 1:
+        return np.ones(t.shape, np.float32)  # norms
     rows, cols = t.shape
-    if t.type == T.F16:
-        out = np.empty((rows, cols), np.float16)
+    if t.type in (T.F32, T.F16):
+        out = np.empty((rows, cols), np.float32 if t.type == T.F32 else np.float16)
     else:
         out = np.empty((rows, t.nbytes // rows), np.uint8)
     for r0, chunk in _random_rows(rows, cols, t.scale, rng):
-        out[r0 : r0 + len(chunk)] = (chunk if t.type == T.F16
+        out[r0 : r0 + len(chunk)] = (chunk if t.type in (T.F32, T.F16)
                                      else _core.quantize(chunk, int(t.type), n_threads))
     return out
 
@@ -186,19 +230,34 @@ def _random_rows(rows: int, cols: int, scale: float,
         yield r0, x
 
 
-def write_random_model(path: Path, shape: Shape, n_vocab: int, type_name: str, *,
-                       tied: bool = False, seed: int = 0, n_threads: int | None = None,
-                       log: bool = False) -> Path:
-    """Write the file atomically (temporary name beside it, renamed when complete)."""
-    wtype, ftype = TYPES[type_name]
-    check_shape(shape, n_vocab, wtype)
-    plan = tensor_plan(shape, n_vocab, wtype, tied)
+def weights_by_name(type_name: str | None = None, mix_name: str | None = None) -> Mix:
+    """The planner of `--type NAME` (one type everywhere) or `--mix NAME` (llama-quantize's)."""
+    if (type_name is None) == (mix_name is None):
+        raise ValueError("give one of --type and --mix")
+    if type_name is not None:
+        if type_name not in TYPES:
+            raise ValueError(f"--type {type_name!r}, expected one of {', '.join(TYPES)}")
+        return TYPES[type_name]
+    if mix_name not in MIXES:
+        raise ValueError(f"--mix {mix_name!r}, expected one of {', '.join(MIXES)}")
+    return MIXES[mix_name]
+
+
+def write_random_model(path: Path, shape: Shape, mix: Mix, label: str, *, seed: int = 0,
+                       n_threads: int | None = None, log: bool = False) -> Path:
+    """Write the file atomically (temporary name beside it, renamed when complete). `mix` (from
+    weights_by_name) picks each matrix's type; `label` names it in general.name."""
+    # Only --type's planners are held to whole blocks (a --mix falls back, even where it happens
+    # to equal a --type row, as f16 does).
+    uniform = next((m.main for m in TYPES.values() if m is mix), None)
+    check_shape(shape, uniform)
+    plan = tensor_plan(shape, mix)
     n_threads = n_threads or physical_cores()
     rng = np.random.default_rng(seed)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(str(tmp), "llama")
     try:
-        _add_metadata(writer, shape, n_vocab, ftype, type_name)
+        _add_metadata(writer, shape, mix.file_type, label)
         for t in plan:
             if t.type in (T.F32, T.F16):
                 dtype = np.float32 if t.type == T.F32 else np.float16
@@ -229,10 +288,10 @@ def write_random_model(path: Path, shape: Shape, n_vocab: int, type_name: str, *
     return path
 
 
-def _add_metadata(writer: GGUFWriter, shape: Shape, n_vocab: int, ftype: LlamaFileType,
-                  type_name: str) -> None:
+def _add_metadata(writer: GGUFWriter, shape: Shape, ftype: LlamaFileType, label: str) -> None:
     s = shape
-    writer.add_name(f"random-llama {s.n_layers}L {s.dim}d {type_name}")
+    n_vocab = s.n_vocab
+    writer.add_name(f"random-llama {s.n_layers}L {s.dim}d {label}")
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(2)
     writer.add_context_length(s.context_length)
@@ -263,9 +322,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--shape", choices=[*SHAPES, "custom"], required=True,
                     help="a named real shape; with 'custom', give --layers --dim --heads --ffn")
-    ap.add_argument("--type", choices=list(TYPES), default="q4_0",
-                    help="type of every matrix (norms stay F32); default q4_0")
-    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    weights = ap.add_mutually_exclusive_group()
+    weights.add_argument("--type", choices=list(TYPES), default=None,
+                         help="type of every matrix (norms stay F32); default q4_0")
+    weights.add_argument("--mix", choices=list(MIXES), default=None,
+                         help="llama-quantize's per-tensor types for this mix (convert-weights "
+                              "--outtype names)")
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default: the shape's; custom "
+                                              "32000)")
     ap.add_argument("-o", "--output", type=Path, required=True, help="GGUF file to write")
     ap.add_argument("--layers", type=int, help="override the shape's number of layers")
     ap.add_argument("--dim", type=int, help="override the embedding length")
@@ -273,7 +337,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-heads", type=int, help="override the KV heads (custom: = --heads)")
     ap.add_argument("--ffn", type=int, help="override the feed-forward length")
     ap.add_argument("--context-length", type=int, help="trained context written in the file")
-    ap.add_argument("--tied", action="store_true", help="no output.weight (token_embd reused)")
+    ap.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
+                    help="no output.weight (token_embd reused); default: the shape's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="quantizer threads")
     ap.add_argument("--force", action="store_true", help="replace an existing file")
@@ -282,8 +347,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def shape_from_args(args: argparse.Namespace) -> Shape:
     overrides = {"n_layers": args.layers, "dim": args.dim, "n_heads": args.heads,
-                 "n_kv_heads": args.kv_heads, "ffn_dim": args.ffn,
-                 "context_length": args.context_length}
+                 "n_kv_heads": args.kv_heads, "ffn_dim": args.ffn, "n_vocab": args.vocab,
+                 "tied": args.tied, "context_length": args.context_length}
     if args.shape == "custom":
         missing = [opt for opt, key in (("--layers", "n_layers"), ("--dim", "dim"),
                                         ("--heads", "n_heads"), ("--ffn", "ffn_dim"))
@@ -303,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.output.exists() and not args.force:
             raise ValueError(f"{args.output} exists; pass --force to replace it")
         t0 = time.perf_counter()
-        write_random_model(args.output, shape, args.vocab, args.type, tied=args.tied,
-                           seed=args.seed, n_threads=args.threads, log=True)
+        if args.mix is None:
+            mix, label = weights_by_name(type_name=args.type or "q4_0"), args.type or "q4_0"
+        else:
+            mix, label = weights_by_name(mix_name=args.mix), args.mix
+        write_random_model(args.output, shape, mix, label, seed=args.seed,
+                           n_threads=args.threads, log=True)
     except ValueError as e:
         print(f"make_random_model: error: {e}", file=sys.stderr)
         return 2

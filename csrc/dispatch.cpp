@@ -2,6 +2,9 @@
 #include "dispatch.h"
 
 #include <atomic>
+#if defined(ALPACA_HAVE_X86)
+#include <cpuid.h>
+#endif
 #include <stdexcept>
 #include <string>
 
@@ -18,6 +21,25 @@ static bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
+}
+
+// The OS saves and restores the AVX-512 registers (opmask, upper halves of zmm0-15, zmm16-31)
+// on context switches: XCR0 bits 1, 2, 5, 6 and 7, readable once CPUID says OSXSAVE.
+static bool os_saves_zmm() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return false;
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0xe6) == 0xe6;
+}
+
+static bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         os_saves_zmm();
+}
+static bool cpu_has_avx512_vnni() {
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
 }
 #endif
 
@@ -45,6 +67,8 @@ std::vector<std::string> available_isas() {
   std::vector<std::string> out{"scalar"};
 #if defined(ALPACA_HAVE_X86)
   if (cpu_has_avx2()) out.push_back("avx2");
+  if (cpu_has_avx512()) out.push_back("avx512");
+  if (cpu_has_avx512_vnni()) out.push_back("avx512_vnni");
 #endif
 #if defined(ALPACA_HAVE_NEON)
   if (cpu_has_neon()) out.push_back("neon");
@@ -65,6 +89,8 @@ const KernelTable* kernels_for(const std::string& name) {
   if (name == "scalar") return scalar_kernels();
 #if defined(ALPACA_HAVE_X86)
   if (name == "avx2") return avx2_kernels();
+  if (name == "avx512") return avx512_kernels();
+  if (name == "avx512_vnni") return avx512_vnni_kernels();
 #endif
 #if defined(ALPACA_HAVE_NEON)
   if (name == "neon") return neon_kernels();

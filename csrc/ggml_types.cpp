@@ -113,38 +113,39 @@ template <typename Dst, void (*F)(const float*, Dst*, int64_t)>
 void from_float(const float* x, void* y, int64_t k) { F(x, static_cast<Dst*>(y), k); }
 
 // One row per type: id, name, block size, bytes per block, block type?, weight type?,
-// activation format, scale bytes, Panel8?, to float, from float. The conversions of Q5_0 ...
-// Q8_K are in ggml_quants.cpp. Scale bytes only matter for Panel8 types.
+// activation format, scale bytes and offset, Panel8?, to float, from float. The conversions of Q5_0 ...
+// Q8_K are in ggml_quants.cpp. Scale bytes (the fp16 fields a block starts with) only matter
+// for the types a table keeps in panels (weight_layout.h).
 const TypeTraits kTraits[] = {
-    {GgmlType::F32, "F32", 1, 4, false, true, GgmlType::F32, 0, false,
+    {GgmlType::F32, "F32", 1, 4, false, true, GgmlType::F32, 0, 0, false,
      to_float<float, copy_f32_row>, from_float<float, copy_f32_row>},
-    {GgmlType::F16, "F16", 1, 2, false, true, GgmlType::F32, 0, false,
+    {GgmlType::F16, "F16", 1, 2, false, true, GgmlType::F32, 0, 0, false,
      to_float<fp16_t, fp16_to_fp32_row>, from_float<fp16_t, fp32_to_fp16_row>},
-    {GgmlType::Q4_0, "Q4_0", QK, sizeof(block_q4_0), true, true, GgmlType::Q8_0, 2, true,
+    {GgmlType::Q4_0, "Q4_0", QK, sizeof(block_q4_0), true, true, GgmlType::Q8_0, 2, 0, true,
      to_float<block_q4_0, dequantize_row_q4_0>, from_float<block_q4_0, quantize_row_q4_0>},
-    {GgmlType::Q4_1, "Q4_1", QK, sizeof(block_q4_1), true, true, GgmlType::Q8_1, 4, true,
+    {GgmlType::Q4_1, "Q4_1", QK, sizeof(block_q4_1), true, true, GgmlType::Q8_1, 4, 0, true,
      to_float<block_q4_1, dequantize_row_q4_1>, from_float<block_q4_1, quantize_row_q4_1>},
-    {GgmlType::Q5_0, "Q5_0", QK, sizeof(block_q5_0), true, true, GgmlType::Q8_0, 2, false,
+    {GgmlType::Q5_0, "Q5_0", QK, sizeof(block_q5_0), true, true, GgmlType::Q8_0, 2, 0, false,
      to_float<block_q5_0, dequantize_row_q5_0>, from_float<block_q5_0, quantize_row_q5_0>},
-    {GgmlType::Q5_1, "Q5_1", QK, sizeof(block_q5_1), true, true, GgmlType::Q8_1, 4, false,
+    {GgmlType::Q5_1, "Q5_1", QK, sizeof(block_q5_1), true, true, GgmlType::Q8_1, 4, 0, false,
      to_float<block_q5_1, dequantize_row_q5_1>, from_float<block_q5_1, quantize_row_q5_1>},
-    {GgmlType::Q8_0, "Q8_0", QK, sizeof(block_q8_0), true, true, GgmlType::Q8_0, 2, true,
+    {GgmlType::Q8_0, "Q8_0", QK, sizeof(block_q8_0), true, true, GgmlType::Q8_0, 2, 0, true,
      to_float<block_q8_0, dequantize_row_q8<block_q8_0>>, from_float<block_q8_0, quantize_row_q8<block_q8_0>>},
-    {GgmlType::Q8_1, "Q8_1", QK, sizeof(block_q8_1), true, false, GgmlType::Q8_1, 4, false,
+    {GgmlType::Q8_1, "Q8_1", QK, sizeof(block_q8_1), true, false, GgmlType::Q8_1, 4, 0, false,
      to_float<block_q8_1, dequantize_row_q8<block_q8_1>>, from_float<block_q8_1, quantize_row_q8<block_q8_1>>},
-    {GgmlType::Q2_K, "Q2_K", QK_K, sizeof(block_q2_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q2_K, "Q2_K", QK_K, sizeof(block_q2_K), true, true, GgmlType::Q8_K, 0, 0, false,
      to_float<block_q2_K, dequantize_row_q2_K>, from_float<block_q2_K, quantize_row_q2_K>},
-    {GgmlType::Q3_K, "Q3_K", QK_K, sizeof(block_q3_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q3_K, "Q3_K", QK_K, sizeof(block_q3_K), true, true, GgmlType::Q8_K, 0, 0, false,
      to_float<block_q3_K, dequantize_row_q3_K>, from_float<block_q3_K, quantize_row_q3_K>},
-    {GgmlType::Q4_K, "Q4_K", QK_K, sizeof(block_q4_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q4_K, "Q4_K", QK_K, sizeof(block_q4_K), true, true, GgmlType::Q8_K, 4, 0, false,
      to_float<block_q4_K, dequantize_row_q4_K>, from_float<block_q4_K, quantize_row_q4_K>},
-    {GgmlType::Q5_K, "Q5_K", QK_K, sizeof(block_q5_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q5_K, "Q5_K", QK_K, sizeof(block_q5_K), true, true, GgmlType::Q8_K, 4, 0, false,
      to_float<block_q5_K, dequantize_row_q5_K>, from_float<block_q5_K, quantize_row_q5_K>},
-    {GgmlType::Q6_K, "Q6_K", QK_K, sizeof(block_q6_K), true, true, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q6_K, "Q6_K", QK_K, sizeof(block_q6_K), true, true, GgmlType::Q8_K, 2, offsetof(block_q6_K, d), false,
      to_float<block_q6_K, dequantize_row_q6_K>, from_float<block_q6_K, quantize_row_q6_K>},
-    {GgmlType::Q8_K, "Q8_K", QK_K, sizeof(block_q8_K), true, false, GgmlType::Q8_K, 0, false,
+    {GgmlType::Q8_K, "Q8_K", QK_K, sizeof(block_q8_K), true, false, GgmlType::Q8_K, 0, 0, false,
      to_float<block_q8_K, dequantize_row_q8_K>, from_float<block_q8_K, quantize_row_q8_K>},
-    {GgmlType::IQ4_NL, "IQ4_NL", QK, sizeof(block_iq4_nl), true, true, GgmlType::Q8_0, 2, false,
+    {GgmlType::IQ4_NL, "IQ4_NL", QK, sizeof(block_iq4_nl), true, true, GgmlType::Q8_0, 2, 0, false,
      to_float<block_iq4_nl, dequantize_row_iq4_nl>, from_float<block_iq4_nl, quantize_row_iq4_nl>},
 };
 

@@ -87,6 +87,8 @@ struct KernelTable {
 // Tables (defined in kernels_<isa>.cpp). Absent ISAs return nullptr.
 const KernelTable* scalar_kernels();
 const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();       // AVX-512 F/BW/VL (AVX2's table + 512-bit panels)
+const KernelTable* avx512_vnni_kernels();  // + VNNI (vpdpbusd), where the CPU reports it
 const KernelTable* neon_kernels();          // plain Armv8-A Advanced SIMD (every aarch64 CPU)
 const KernelTable* neon_dotprod_kernels();  // + SDOT (Armv8.2 dotprod), where the CPU reports it
 

@@ -786,9 +786,9 @@ static KernelTable make_table() {
       gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
   types[int(GgmlType::F16)].gemm = gemm_float<true>;
   types[int(GgmlType::F32)].gemm = gemm_float<false>;
-  t.packed_bytes = panel8_packed_bytes;
-  t.pack = panel8_pack;
-  t.unpack_row = panel8_unpack_row;
+  t.packed_bytes = panels_packed_bytes<kPanelRows, panel8_applies>;
+  t.pack = panels_pack<kPanelRows, panel8_applies>;
+  t.unpack_row = panels_unpack_row<kPanelRows, panel8_applies>;
   t.mix_rows = mix_rows_simd;
   t.softmax = softmax_simd;
   t.swiglu = swiglu_simd;

@@ -23,6 +23,8 @@ static KernelTable make_table() {
   KernelTable t = *neon_kernels();  // quantizers, fp16 rows, axpy: the plain NEON ones
   t.name = "neon_dotprod";
   set_portable_kernels(t);  // the SDOT dot products, gemm_rows over them, elementwise kernels
+  set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_neon>(t, GgmlType::Q4_K);
+  set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_neon>(t, GgmlType::Q6_K);
   return t;
 }
 

@@ -178,8 +178,15 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
     L.ffn_down = load_matrix(tensors, p + "ffn_down.weight", hp.dim, hp.ffn_dim);
     layers.push_back(std::move(L));
   }
-  for (int64_t i = 0; i < hp.n_rot / 2; i++)
-    inv_freq_.push_back(std::pow(double(hp.rope_base), -2.0 * double(i) / double(hp.n_rot)));
+  // RoPE frequencies base^(-2i/n_rot), each divided by rope_freqs.weight[i] when present (RoPE
+  // scaling: Llama 3's per-frequency factors, llama.cpp's linear factor folded in by Python).
+  std::vector<float> rope_div(size_t(hp.n_rot / 2), 1.0f);  // (n_rot / 2)
+  if (tensors.count("rope_freqs.weight")) rope_div = load_vector(tensors, "rope_freqs.weight", hp.n_rot / 2);
+  for (int64_t i = 0; i < hp.n_rot / 2; i++) {
+    if (!(rope_div[i] > 0.0f) || !std::isfinite(rope_div[i]))
+      throw std::invalid_argument("tensor rope_freqs.weight: divisors must be finite and positive");
+    inv_freq_.push_back(std::pow(double(hp.rope_base), -2.0 * double(i) / double(hp.n_rot)) / rope_div[i]);
+  }
 
   kv_ = KvCache(n_slots, hp.n_layers, hp.n_kv_heads, n_ctx, hp.head_dim,
                 kv_f16 ? GgmlType::F16 : GgmlType::F32);
@@ -291,7 +298,7 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
 }
 
 void Model::rope(float* v, int64_t n_heads_here, int64_t pos) const {
-  // Meta's interleaved pairs: (v[2i], v[2i+1]) rotated by pos * base^(-2i/n_rot).
+  // Meta's interleaved pairs: (v[2i], v[2i+1]) rotated by pos * inv_freq_[i].
   float cs[512], sn[512];  // n_rot / 2 <= 512, checked by the loader (head_dim <= 1024)
   for (int64_t i = 0; i < hp_.n_rot / 2; i++) {
     const double a = double(pos) * inv_freq_[i];

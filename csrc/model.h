@@ -220,7 +220,7 @@ class Model {
   std::vector<Layer> layers;
   std::vector<float> output_norm;  // (dim)
   Matrix output;                   // (n_vocab, dim); rows == 0 when tied to token_embd
-  std::vector<double> inv_freq_;   // (n_rot / 2) RoPE frequencies
+  std::vector<double> inv_freq_;   // (n_rot / 2) RoPE frequencies, RoPE scaling applied
 
   KvCache kv_;
   const TypeKernels& kv_kernels_;  // the cache's element type: float rows into it

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from alpaca_convert import quant_plan
+from alpaca_convert.rope_scaling import ROPE_FREQS
 from gguf import GGMLQuantizationType as T
 from tiny_model import TinySpec, write_tiny_model
 
@@ -42,6 +44,10 @@ PRINTED_ERR_ATOL = 5e-6
 # Dequantized random weights stay within their uniform range, up to one quantization step
 # (4-bit types: 1/7 of the block's absolute maximum).
 QUANT_RANGE_SLACK = 1.0 + 1.0 / 7
+# The token embedding of a --mix file (uniform noise of standard deviation 1) after quantization:
+# Q2_K's error, the largest, has an RMS of 0.23 there and the result a deviation of 1.009
+# (measured; Q4_K: 0.055 and 0.998), so 0.1 leaves room and still catches a wrong scale.
+MIX_EMBD_STD_ATOL = 0.1
 # A record's t/s samples against its samples_ns, which are rounded to whole nanoseconds.
 TS_FROM_NS_RTOL = 1e-6
 
@@ -442,6 +448,23 @@ def test_compare_decode_at_depth_from_batched_bench(compare: ModuleType) -> None
     assert tg["avg_ns"] == pytest.approx(3e9, rel=DERIVED_TS_RTOL)
 
 
+def test_compare_summary_per_isa(compare: ModuleType) -> None:
+    """--isa: each of our ISAs is its own comparison with llama.cpp, and also a ratio to the
+    first ISA named, per test; medians over rounds."""
+    rows = []
+    for round_no, (avx2, avx512) in enumerate([(100.0, 150.0), (110.0, 160.0), (90.0, 170.0)]):
+        for isa, ts in (("avx2", avx2), ("avx512_vnni", avx512)):
+            rows.append({"round": round_no, "model": "m.gguf", "n_threads": 2, "test": "pp512",
+                         "api": "model", "isa": isa, "alpaca_ts": ts, "llama_cpp_ts": 50.0,
+                         "ratio": ts / 50.0})
+    base, wide = compare.summarize(rows)
+    assert (base["isa"], base["alpaca_ts"], base["ratio"]) == ("avx2", 100.0, 2.0)
+    assert "isa_ratio" not in base
+    assert (wide["isa"], wide["alpaca_ts"], wide["vs_isa"]) == ("avx512_vnni", 160.0, "avx2")
+    assert wide["isa_ratio"] == pytest.approx(1.6, rel=DERIVED_TS_RTOL)
+    assert wide["rounds"] == 3
+
+
 # ---- benchmarks/make_random_model.py ---------------------------------------------------------
 
 
@@ -487,16 +510,160 @@ def test_random_model_loads_and_runs(make_random_model: ModuleType, tmp_path: Pa
 
 def test_random_model_real_shapes(make_random_model: ModuleType) -> None:
     """Parameter counts of the named shapes are those of the real models."""
-    def n_params(shape: str, vocab: int) -> int:
-        plan = make_random_model.tensor_plan(make_random_model.SHAPES[shape], vocab, T.Q4_0,
-                                             tied=False)
-        return sum(math.prod(t.shape) for t in plan)
-    assert n_params("tinyllama", 32000) == 1_100_048_384  # TinyLlama-1.1B
-    assert n_params("llama7b", 32000) == 6_738_415_616  # LLaMA-7B
-    plan = make_random_model.tensor_plan(make_random_model.SHAPES["llama7b"], 32000, T.Q4_0,
-                                         tied=False)
+    def n_params(shape: str) -> int:
+        plan = make_random_model.tensor_plan(make_random_model.SHAPES[shape],
+                                             make_random_model.TYPES["q4_0"])
+        return sum(math.prod(t.shape) for t in plan if t.name != ROPE_FREQS)
+    assert n_params("tinyllama") == 1_100_048_384  # TinyLlama-1.1B
+    assert n_params("llama3.2-1b") == 1_235_814_400  # Llama-3.2-1B (tied embeddings)
+    assert n_params("llama7b") == 6_738_415_616  # LLaMA-7B
+    plan = make_random_model.tensor_plan(make_random_model.SHAPES["llama7b"],
+                                         make_random_model.TYPES["q4_0"])
     # The Q4_0 file is ~3.9 GB: every matrix in Q4_0 (18 bytes per 32 weights).
     assert sum(t.nbytes for t in plan) == pytest.approx(3.79e9, rel=0.01)
+
+
+def test_random_model_llama32_rope_freqs(make_random_model: ModuleType) -> None:
+    """Llama 3.2's RoPE scaling is written as llama.cpp's converter writes it: rope_freqs.weight
+    first, 32 divisors for head size 64 (factor 32 for long wavelengths, 1 for short ones)."""
+    plan = make_random_model.tensor_plan(make_random_model.SHAPES["llama3.2-1b"],
+                                         make_random_model.MIXES["q4_k_m"])
+    first = plan[0]
+    assert first.name == ROPE_FREQS and first.shape == (32,) and first.type == T.F32
+    assert first.values[0] == 1.0 and first.values[-1] == 32.0
+    assert np.all(np.diff(first.values) >= 0)  # longer wavelengths are slowed more
+    assert "output.weight" not in {t.name for t in plan}  # tied
+
+
+REAL_SHAPE_PLANS = json.loads((REPO / "tests" / "data" /
+                               "llama_quantize_real_shape_plans.json").read_text())["plans"]
+
+
+@pytest.mark.parametrize("shape", list(REAL_SHAPE_PLANS))
+def test_random_model_mixes_are_llama_quantize_plans(make_random_model: ModuleType,
+                                                     shape: str) -> None:
+    """At the named shapes, every tensor of every mix gets the type llama.cpp's llama-quantize
+    gives it (its --dry-run on the same layout, stored in tests/data)."""
+    for mix, expected in REAL_SHAPE_PLANS[shape].items():
+        plan = make_random_model.tensor_plan(make_random_model.SHAPES[shape],
+                                             make_random_model.MIXES[mix])
+        assert len(plan) == expected["n_tensors"], mix
+        assert sum(t.type == T.F32 for t in plan) == expected["n_f32"], mix
+        ours = {t.name: t.type.name for t in plan if t.type != T.F32}
+        theirs = {name: expected["other"].get(name, expected["main"]) for name in ours}
+        assert ours == theirs, mix
+        assert set(expected["other"]) <= set(ours), mix
+
+
+# A tiny shape on which the mixes differ as at real sizes: rows of 256 take K-quants, ffn_down's
+# rows of 320 take the fallbacks, 4 query heads per KV head, and 4 layers of which 2 and 3 are
+# "more bits" layers (q4_k_m, q5_k_m).
+KQ_CUSTOM = ["--shape", "custom", "--layers", "4", "--dim", "256", "--heads", "8", "--kv-heads",
+             "2", "--ffn", "320", "--vocab", "300"]
+NEW_MIXES = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k", "q5_0", "q5_1",
+             "iq4_nl"]
+
+
+@pytest.fixture(scope="module")
+def kquant_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kq-text") / "text.txt"
+    path.write_text(TEXT[:80])  # byte tokens on these files: 81 tokens with BOS, 5 chunks of 16
+    return path
+
+
+@pytest.mark.parametrize("mix", NEW_MIXES)
+def test_random_model_mix_loads_and_tools_run(make_random_model: ModuleType, tmp_path: Path,
+                                              kquant_text: Path, mix: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A --mix file has the converter's plan tensor for tensor, and the engine, alpaca-bench and
+    alpaca-perplexity run it."""
+    out = tmp_path / f"random.{mix}.gguf"
+    assert make_random_model.main([*KQ_CUSTOM, "--mix", mix, "-o", str(out)]) == 0
+    mf = open_model_file(out)
+    expected = {t.name: t.type for t in quant_plan.plan(mf.config, mix)}
+    assert {name: t.type for name, t in mf.tensors.items()} == expected
+    assert mf.metadata["general.file_type"] == int(quant_plan.MIXES[mix].file_type)
+    assert len(set(expected.values()) - {T.F32}) >= 2  # a mix: more than one matrix type
+    embd = mf.tensors["token_embd.weight"]
+    values = dequantize(embd.data, embd.type, embd.cols)
+    # uniform on [-sqrt(3), sqrt(3)): standard deviation 1, plus the quantization noise
+    assert abs(values.std() - 1.0) <= MIX_EMBD_STD_ATOL, values.std()
+    model = alpaca_cpu.Model(out, n_ctx=32, n_threads=1)
+    logits = model.forward([1, 70, 80, 90], all_logits=True)
+    assert logits.shape == (4, 300) and np.isfinite(logits).all() and logits.std() > 0
+    del model
+    capsys.readouterr()
+    code, bench_out, err = run_bench(["-m", str(out), "-t", "1", "-p", "4", "-n", "2", "-r", "1",
+                                      "-o", "json", "--api", "model"], capsys)
+    assert code == 0, err
+    records = json.loads(bench_out)
+    assert [(r["n_prompt"], r["n_gen"]) for r in records] == [(4, 0), (0, 2)]
+    name = quant_plan.MIXES[mix].file_type.name.removeprefix("MOSTLY_")
+    assert all(r["model_type"] == f"llama 2M {name}" and r["avg_ts"] > 0 for r in records)
+    assert perplexity.main(["-m", str(out), "-f", str(kquant_text), "-c", str(CTX), "-t",
+                            "1"]) == 0
+    m = re.fullmatch(r"Final estimate: PPL = (\d+\.\d{4}) \+/- (\d+\.\d{5})\n",
+                     capsys.readouterr().out)
+    assert m and 1.0 < float(m[1]) < 10 * 300
+
+
+# A stand-in for llama.cpp's llama-bench (not part of this project): the records it prints with
+# -o json for -p P -n N, with the fields compare_llama_cpp reads, at fixed speeds.
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+a = sys.argv
+p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
+print(json.dumps([{{"build_commit": "0c1e570", "model_filename": a[a.index("-m") + 1],
+                   "model_type": "llama ?B Q4_K - Medium", "n_threads": int(a[a.index("-t") + 1]),
+                   "n_prompt": pp, "n_gen": tg, "avg_ns": 10**9, "stddev_ns": 0,
+                   "avg_ts": float(pp + tg), "stddev_ts": 0.0, "samples_ts": [float(pp + tg)]}}
+                  for pp, tg in ((p, 0), (0, n))]))
+"""
+
+
+def test_compare_runs_a_kquant_mix(make_random_model: ModuleType, compare: ModuleType,
+                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """compare_llama_cpp end to end on a Q4_K_M file: our side really runs (alpaca-bench in its
+    own process), llama.cpp's is the stand-in above."""
+    model = tmp_path / "random.q4_k_m.gguf"
+    assert make_random_model.main([*KQ_CUSTOM, "--mix", "q4_k_m", "-o", str(model)]) == 0
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    code = compare.main(["-m", str(model), "-t", "1", "-p", "4", "-n", "2", "-r", "1", "--api",
+                         "model", "--bandwidth-mib", "4", "--llama-bench", str(fake),
+                         "--out-dir", str(tmp_path), "--name", "kq"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "kq.json").read_text())
+    assert sorted(s["test"] for s in result["summary"]) == ["pp4", "tg2"]
+    for s in result["summary"]:
+        assert s["llama_cpp_ts"] == (4.0 if s["test"] == "pp4" else 2.0)
+        assert s["alpaca_ts"] > 0 and s["ratio"] == pytest.approx(s["alpaca_ts"] /
+                                                                  s["llama_cpp_ts"])
+    assert {r["model_type"] for r in result["alpaca"]} == {"llama 2M Q4_K_M"}
+
+
+def test_random_model_f32_mix_has_random_matrices(make_random_model: ModuleType,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "f32.gguf"
+    assert make_random_model.main([*CUSTOM, "--mix", "f32", "-o", str(out)]) == 0
+    for name, t in open_model_file(out).tensors.items():
+        values = dequantize(t.data, t.type, t.cols)
+        assert t.type == T.F32, name
+        if name.endswith("norm.weight"):
+            assert np.all(values == 1.0), name
+        else:  # uniform noise of the tensor's scale, not the norms' ones
+            bound = math.sqrt(3.0) if name == "token_embd.weight" else math.sqrt(3.0 / t.cols)
+            assert np.abs(values).max() <= bound and values.std() > bound / 3, name
+
+
+def test_random_model_tied_mix_gives_embedding_output_type(make_random_model: ModuleType,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "tied.gguf"
+    assert make_random_model.main([*KQ_CUSTOM, "--mix", "q4_k_m", "--tied", "-o", str(out)]) == 0
+    mf = open_model_file(out)
+    assert mf.config.tied_embeddings and "output.weight" not in mf.tensors
+    assert mf.tensors["token_embd.weight"].type == T.Q6_K  # the output matrix's type
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -347,7 +347,7 @@ def test_explicit_name_beats_the_file_template() -> None:
     assert isinstance(get_chat_formatter("chatml", metadata), ChatMLChatFormatter)
     assert isinstance(get_chat_formatter("llama-2", metadata), Llama2ChatFormatter)
     assert isinstance(get_chat_formatter("alpaca", metadata), AlpacaChatFormatter)
-    assert BUILTIN_FORMATS == ("alpaca", "chatml", "llama-2")
+    assert BUILTIN_FORMATS == ("alpaca", "chatml", "llama-2", "llama-3", "mistral")
 
 
 def test_file_template_beats_the_alpaca_default() -> None:

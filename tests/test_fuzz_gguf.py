@@ -89,6 +89,17 @@ BASE_METADATA: dict[str, Any] = {
     "tokenizer.ggml.token_type": [2, 3, 3] + [1] * 45,
     "tokenizer.ggml.add_bos_token": True,
 }
+# Every block type the engine runs, one per matrix (rows of 256 for the K-quants), so that the
+# mutants' flipped bits land in K-quant, Q5_0/Q5_1 and IQ4_NL scales and quants too.
+MIXED_SPEC = TinySpec(n_vocab=48, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256,
+                      wtype=T.Q4_K, context_length=64, seed=12, tensor_types=(
+                          ("attn_q", T.Q2_K), ("attn_k", T.Q3_K), ("attn_v", T.Q5_K),
+                          ("attn_output", T.Q6_K), ("ffn_gate", T.Q5_0), ("ffn_up", T.Q5_1),
+                          ("ffn_down", T.IQ4_NL), ("output", T.Q8_0)))
+BASES = {"q4_1-q8_0": BASE_SPEC, "every-block-type": MIXED_SPEC}
+# The default suite's short run on MIXED_SPEC: mutations in the tensor data only.
+N_DATA_MUTANTS = 150
+DATA_ONLY = (0, 0, 0, 1)
 INTERESTING_U64 = [0, 1, 2, 3, 4, 7, 8, 13, 31, 32, 33, 63, 64, 255, 256, 4096, 65535, 65536,
                    (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, (1 << 32) + 1, 1 << 40,
                    (1 << 62), (1 << 63) - 1, 1 << 63, (1 << 64) - 32, (1 << 64) - 1]
@@ -139,13 +150,15 @@ def region_of(layout: Layout, offset: int) -> str:
     return next(name for name, (a, b) in layout.regions.items() if a <= offset < b)
 
 
-def mutate(layout: Layout, rng: random.Random) -> tuple[bytes, str, str]:
-    """(mutant, description, region of the first change): 1 to 3 stacked mutations."""
+def mutate(layout: Layout, rng: random.Random,
+           region_weights: tuple[int, ...] = (1, 3, 3, 1)) -> tuple[bytes, str, str]:
+    """(mutant, description, region of the first change): 1 to 3 stacked mutations, in
+    REGIONS chosen with these weights."""
     buf = bytearray(layout.data)
     steps: list[str] = []
     first_region = ""
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
-        region = rng.choices(REGIONS, weights=(1, 3, 3, 1))[0]
+        region = rng.choices(REGIONS, weights=region_weights)[0]
         lo, hi = layout.regions[region]
         hi = min(hi, len(buf))
         if hi <= lo:  # an earlier truncation removed this region
@@ -265,23 +278,33 @@ def judge(result: dict[str, Any]) -> str | None:
     return f"{result['outcome']}: {result.get('type', '')} {result.get('message', '')}"
 
 
-@pytest.mark.slow
-def test_mutated_model_files_never_crash_hang_or_balloon(tmp_path: Path) -> None:
-    base = write_tiny_model(tmp_path / "base.gguf", BASE_SPEC, BASE_METADATA)
+@dataclass
+class FuzzRun:
+    """What a run of mutants gave."""
+
+    failures: list[str]
+    outcomes: Counter[str]
+    regions: Counter[str]
+    kinds: Counter[str]
+    restarts: int
+    seconds: float
+
+
+def fuzz(tmp_path: Path, spec: TinySpec, n_mutants: int,
+         region_weights: tuple[int, ...] = (1, 3, 3, 1)) -> FuzzRun:
+    """Load the base file of `spec` and n_mutants mutants of it in the worker, judging each."""
+    base = write_tiny_model(tmp_path / "base.gguf", spec, BASE_METADATA)
     layout = layout_of(base)
     rng = random.Random(SEED)
-    failures: list[str] = []
-    outcomes: Counter[str] = Counter()
-    regions: Counter[str] = Counter()
-    kinds: Counter[str] = Counter()
+    run = FuzzRun([], Counter(), Counter(), Counter(), 0, 0.0)
     start = time.perf_counter()
     with open(tmp_path / "worker-stderr.txt", "wb") as stderr:
         worker = Worker(stderr)
-        for i in range(N_MUTANTS + 1):
+        for i in range(n_mutants + 1):
             if i == 0:
                 data, what, region = layout.data, "unchanged base file", "none"
             else:
-                data, what, region = mutate(layout, rng)
+                data, what, region = mutate(layout, rng, region_weights)
             path = tmp_path / f"mutant-{i}.gguf"
             path.write_bytes(data)
             result = worker.load(path)
@@ -292,27 +315,48 @@ def test_mutated_model_files_never_crash_hang_or_balloon(tmp_path: Path) -> None
                 kept = tmp_path / "failing" / path.name
                 kept.parent.mkdir(exist_ok=True)
                 shutil.move(path, kept)
-                failures.append(f"mutant {i} ({what}) -> {problem}; file kept at {kept}")
+                run.failures.append(f"mutant {i} ({what}) -> {problem}; file kept at {kept}")
             else:
                 path.unlink()
-            outcomes[result.get("type", result["outcome"])] += 1
+            run.outcomes[result.get("type", result["outcome"])] += 1
             if result["outcome"] == "error":  # "field at byte N: found ..." -> "field"
                 field = result["message"].split(": ")[1].split(" at ")[0]
-                kinds[re.sub(r"[#\d]+", "N", field)] += 1
-            regions[region] += 1
+                run.kinds[re.sub(r"[#\d]+", "N", field)] += 1
+            run.regions[region] += 1
         worker.close()
-    elapsed = time.perf_counter() - start
-    assert not failures, f"{len(failures)} of {N_MUTANTS} mutants failed:\n" + "\n".join(
-        failures[:20])
+    run.restarts = worker.restarts
+    run.seconds = time.perf_counter() - start
+    assert not run.failures, f"{len(run.failures)} of {n_mutants} mutants failed:\n" + \
+        "\n".join(run.failures[:20])
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_mutated_model_files_never_crash_hang_or_balloon(tmp_path: Path, base_name: str) -> None:
+    run = fuzz(tmp_path, BASES[base_name], N_MUTANTS)
     # The fuzzer must really have exercised both paths, in every section of the file.
-    assert outcomes["ok"] >= N_MUTANTS // 20, outcomes
-    assert outcomes["ModelFileError"] >= N_MUTANTS // 4, outcomes
+    assert run.outcomes["ok"] >= N_MUTANTS // 20, run.outcomes
+    assert run.outcomes["ModelFileError"] >= N_MUTANTS // 4, run.outcomes
     for name in REGIONS:
-        assert regions[name] >= N_MUTANTS // 20, regions
-    assert worker.restarts == 0, f"the worker was restarted {worker.restarts} times"
-    assert len(kinds) >= 30, kinds  # many different checks fired, not one over and over
-    print(f"{N_MUTANTS} mutants in {elapsed:.1f} s: {dict(outcomes)}; regions {dict(regions)}; "
-          f"{len(kinds)} kinds of error, most common: {kinds.most_common(8)}")
+        assert run.regions[name] >= N_MUTANTS // 20, run.regions
+    assert run.restarts == 0, f"the worker was restarted {run.restarts} times"
+    assert len(run.kinds) >= 30, run.kinds  # many different checks fired, not one over and over
+    print(f"{N_MUTANTS} mutants in {run.seconds:.1f} s: {dict(run.outcomes)}; regions "
+          f"{dict(run.regions)}; {len(run.kinds)} kinds of error, most common: "
+          f"{run.kinds.most_common(8)}")
+
+
+def test_mutated_block_data_of_every_type(tmp_path: Path) -> None:
+    """A short run in the default suite: bit flips, bytes set, cuts and splices in the tensor
+    data of a file mixing every block type (K-quant super-block and sub-block scales, Q5/IQ4_NL
+    scales, quants). A mutant in place loads and runs whatever the values (NaN/inf scales
+    included); one cut short is refused; none crashes."""
+    run = fuzz(tmp_path, MIXED_SPEC, N_DATA_MUTANTS, DATA_ONLY)
+    assert run.regions["data"] == N_DATA_MUTANTS
+    assert run.outcomes["ok"] >= N_DATA_MUTANTS // 2, run.outcomes  # most keep their size
+    assert run.outcomes["ModelFileError"] >= 1, run.outcomes  # the cuts and deletions
+    assert run.restarts == 0
 
 
 def test_mutator_is_deterministic(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFWriter
 from gguf import GGUFValueType as V
 from tiny_model import TinySpec, write_tiny_model
 
@@ -91,8 +91,31 @@ class Base:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
-    path = write_tiny_model(tmp_path_factory.mktemp("base") / "base.gguf", BASE_SPEC,
-                            BASE_METADATA)
+    return base_of(write_tiny_model(tmp_path_factory.mktemp("base") / "base.gguf", BASE_SPEC,
+                                    BASE_METADATA))
+
+
+# A file mixing every block type the engine runs, one per matrix (rows of 256 for K-quants).
+MIXED_SPEC = TinySpec(n_vocab=64, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256,
+                      wtype=T.Q4_K, context_length=64, seed=8, tensor_types=(
+                          ("attn_q", T.Q2_K), ("attn_k", T.Q3_K), ("attn_v", T.Q5_K),
+                          ("attn_output", T.Q6_K), ("ffn_gate", T.Q5_0), ("ffn_up", T.Q5_1),
+                          ("ffn_down", T.IQ4_NL), ("output", T.Q8_0)))
+# Where each block type keeps its scales (GGML's block structs): the byte offsets of its fp16
+# fields (d, and dmin / m), and for K-quants the [start, end) of the packed sub-block scales.
+FP16_SCALES = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+               T.Q5_0: [0], T.Q5_1: [0, 2], T.IQ4_NL: [0], T.Q8_0: [0]}
+SUB_SCALES = {T.Q2_K: (0, 16), T.Q3_K: (96, 108), T.Q4_K: (4, 16), T.Q5_K: (4, 16),
+              T.Q6_K: (192, 208)}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Base:
+    return base_of(write_tiny_model(tmp_path_factory.mktemp("mixed") / "mixed.gguf",
+                                    MIXED_SPEC, BASE_METADATA))
+
+
+def base_of(path: Path) -> Base:
     data = path.read_bytes()
     gf = read_gguf(path)
     keys = list(gf.kv_offsets)
@@ -584,35 +607,83 @@ def test_unsupported_type_is_refused_naming_tensor_type_and_list(tmp_path: Path,
             "IQ4_NL, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0") in str(e.value)
 
 
-def _with_bad_scales(data: np.ndarray, qtype: T, block_bytes: int, at: int) -> np.ndarray:
-    """Copy of GGML rows with the fp16 field at byte `at` of some blocks NaN, +inf or -inf."""
-    data = data.copy()
-    blocks = data.reshape(-1, block_bytes)
-    for i, v in zip(range(0, len(blocks), 3), [np.nan, np.inf, -np.inf] * len(blocks)):
-        blocks[i, at:at + 2] = np.array([v], np.float16).view(np.uint8)
-    return data
+# ---- files mixing block types; K-quant and Q5/IQ4_NL blocks cut short or with bad scales ----
+
+def test_mixed_file_loads_every_block_type(mixed: Base, tmp_path: Path) -> None:
+    path = write(tmp_path, mixed.data)
+    mf = open_model_file(path)
+    matrix_types = {t.type for t in mf.tensors.values() if t.rows > 1}
+    assert matrix_types == set(FP16_SCALES)  # each block type at least once
+    logits = alpaca_cpu.Model(path, n_ctx=16, n_threads=1).forward([1, 2, 3], all_logits=True)
+    assert logits.shape == (3, MIXED_SPEC.n_vocab) and np.isfinite(logits).all()
 
 
-# Each K-quant's super-block scale fields (byte offsets of d, dmin).
-KQ_SCALE_FIELDS = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
-                   T.Q6_K: [208]}
+def scale_cuts(b: Base, path: Path) -> list[tuple[int, str]]:
+    """(cut, tensor) pairs: file ends inside a scale field of the first, a middle and the last
+    block of every quantized tensor."""
+    cuts = []
+    for t in read_gguf(path).tensors.values():
+        if t.type not in FP16_SCALES:
+            continue
+        block_bytes = GGML_QUANT_SIZES[t.type][1]
+        n_blocks = t.nbytes // block_bytes
+        inside = [f + 1 for f in FP16_SCALES[t.type]]
+        if t.type in SUB_SCALES:
+            lo, hi = SUB_SCALES[t.type]
+            inside += [lo + 1, hi - 1]
+        for block in sorted({0, n_blocks // 2, n_blocks - 1}):
+            cuts += [(t.offset + block * block_bytes + i, t.name) for i in inside]
+    return cuts
 
 
-@pytest.mark.parametrize("qtype", sorted(KQ_SCALE_FIELDS), ids=lambda t: t.name)
-def test_non_finite_kquant_scales_compute_without_crash(qtype: T) -> None:
-    """NaN and infinite super-block scales are only numbers to the kernels: they propagate
-    into the rows they touch (as in the numpy twin), every other row is unchanged, nothing
-    reads out of bounds (the scales never index anything)."""
-    from alpaca_cpu import _core
+def test_cut_inside_block_scales_names_the_tensor(mixed: Base, tmp_path: Path) -> None:
+    """A file that ends inside any block type's scale arrays: refused at load, naming the
+    tensor whose data is short, before any kernel could read past the end."""
+    cuts = scale_cuts(mixed, write(tmp_path, mixed.data, "whole.gguf"))
+    assert len({name for _, name in cuts}) == len(FP16_SCALES)
+    wrong = []
+    for cut, name in cuts:
+        message = load_error(write(tmp_path, mixed.data[:cut], f"cut{cut}.gguf"))
+        if "truncated" not in message or f"tensor '{name}' data" not in message:
+            wrong.append(f"cut at {cut} (in {name}): {message}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_type_needing_more_bytes_than_written_is_refused(mixed: Base, tmp_path: Path) -> None:
+    """A tensor relabelled with a type whose rows need more bytes (Q8_0: 34 per 32 weights, more
+    than any other block type) has less data in the file than its type needs: the loader sees it
+    overlap the next tensor or run past the end, and refuses the file."""
+    gf = read_gguf(write(tmp_path, mixed.data, "whole.gguf"))
+    relabelled = [t for t in gf.tensors.values() if t.type in FP16_SCALES and t.type != T.Q8_0]
+    assert {t.type for t in relabelled} == set(FP16_SCALES) - {T.Q8_0}
+    for t in relabelled:
+        message = load_error(write(tmp_path, mixed.patched(
+            mixed.field_offset("tensor", t.name, "type"), "<I", int(T.Q8_0)), "relabel.gguf"))
+        assert f"'{t.name}'" in message, message
+        assert "expected no overlap" in message or "ends inside the file" in message, message
+
+
+@pytest.mark.parametrize("qtype", sorted(FP16_SCALES), ids=lambda t: t.name)
+def test_non_finite_block_scales_compute_without_crash(qtype: T) -> None:
+    """NaN and infinite block scales (each fp16 field: d, and dmin / m) are only numbers to the
+    kernels, a deliberate choice (docs/design.md, decision 1): they propagate into the rows they
+    touch (as in the numpy twin), every other row is unchanged, and nothing reads out of bounds
+    (the scales never index anything)."""
+    from alpaca_cpu import _core, ggml_types
     from alpaca_cpu import quants as q
     rng = np.random.default_rng(int(qtype))
     rows, cols = 6, 512
     w = q.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
-    act = q.quantize(rng.standard_normal((2, cols)).astype(np.float32), 15)  # Q8_K
-    block_bytes = q.row_bytes(qtype, 256)
-    for at in KQ_SCALE_FIELDS[qtype]:
-        bad = _with_bad_scales(w, qtype, block_bytes, at)
+    act = q.quantize(rng.standard_normal((2, cols)).astype(np.float32),
+                     ggml_types.traits(int(qtype)).vec_dot_type)
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    for at in FP16_SCALES[qtype]:
+        bad = w.copy()
+        for row, v in zip((0, 2, 3), [np.nan, np.inf, -np.inf]):  # the second block of 3 rows
+            bad[row, block_bytes + at:block_bytes + at + 2] = \
+                np.array([v], np.float16).view(np.uint8)
         touched = (bad != w).reshape(rows, -1).any(axis=1)
+        assert touched.tolist() == [True, False, True, True, False, False]
         expected = q.dequantize(bad, qtype, cols)
         for isa in alpaca_cpu.available_isas():
             assert np.array_equal(_core.dequantize(bad, int(qtype), cols, isa), expected,
@@ -623,16 +694,26 @@ def test_non_finite_kquant_scales_compute_without_crash(qtype: T) -> None:
             assert np.array_equal(got[:, ~touched], clean[:, ~touched])
 
 
-def test_non_finite_kquant_scales_in_a_model_run(tmp_path: Path) -> None:
-    """A Q4_K file whose attn_q super-block scales are NaN/inf: the forward pass runs and
-    returns (non-finite) logits instead of crashing."""
-    spec = TinySpec(wtype=T.Q4_K, dim=256, ffn_dim=256)
-    path = write_tiny_model(tmp_path / "m.gguf", spec)
-    raw = bytearray(path.read_bytes())
-    t = next(t for t in GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
-    start = int(t.data_offset)
-    for i, v in enumerate([np.nan, np.inf, -np.inf]):
-        raw[start + 144 * i:start + 144 * i + 2] = np.array([v], np.float16).tobytes()
-    path.write_bytes(bytes(raw))
-    logits = alpaca_cpu.Model(path, n_ctx=16).forward([1, 2, 3], all_logits=True)
-    assert logits.shape == (3, spec.n_vocab)
+def test_non_finite_scales_of_every_type_in_a_model_run(mixed: Base, tmp_path: Path) -> None:
+    """The mixed file with NaN/inf in the fp16 scales of blocks 0, 5 and 10 of every quantized
+    tensor, and its K-quant sub-block scales all ones: the forward pass runs to the end (the
+    values reach the logits) instead of crashing or reading out of bounds. The tokens are those
+    rows of token_embd (one block per row), so its bad blocks are read too."""
+    path = write(tmp_path, mixed.data, "whole.gguf")
+    data = bytearray(mixed.data)
+    for t in read_gguf(path).tensors.values():
+        if t.type not in FP16_SCALES:
+            continue
+        block_bytes = GGML_QUANT_SIZES[t.type][1]
+        d_at = FP16_SCALES[t.type][0]  # d
+        for i, v in enumerate([np.nan, np.inf, -np.inf]):
+            at = t.offset + 5 * i * block_bytes
+            if t.type in SUB_SCALES:  # the packed sub-block scales: every bit set
+                lo, hi = SUB_SCALES[t.type]
+                data[at + lo:at + hi] = b"\xff" * (hi - lo)
+            data[at + d_at:at + d_at + 2] = np.array([v], np.float16).tobytes()
+    bad = write(tmp_path, bytes(data), "bad.gguf")
+    model = alpaca_cpu.Model(bad, n_ctx=16, n_threads=1)
+    logits = model.forward([0, 5, 10], all_logits=True)
+    assert logits.shape == (3, MIXED_SPEC.n_vocab)
+    assert not np.isfinite(logits).all()

@@ -169,6 +169,18 @@ def test_axpy_f16(isa: str) -> None:
         assert np.allclose(got, expected, rtol=ELEMENTWISE_RTOL, atol=ELEMENTWISE_RTOL)
 
 
+@pytest.mark.parametrize("wtype", [T.F32, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [1, 7, 24, 40, 100])
+def test_float_gemm_rows_of_any_length(wtype: T, cols: int, isa: str) -> None:
+    # attention scores (F16 keys x F32 queries) have head-size rows: lengths that are not a
+    # multiple of any vector width take each ISA's tail path
+    w, act = _operands(wtype, 6, 5, cols, seed=cols)
+    expected = q.gemm(wtype, w, q.quantize(act, T.F32), cols)
+    scale = np.abs(expected).max() + 1e-30
+    got = _core.gemm(int(wtype), w, act, cols, isa)
+    assert np.abs(got - expected).max() <= GEMM_RTOL * scale
+
+
 @pytest.mark.parametrize("n", [8, 13, 64, 80, 128])
 @pytest.mark.parametrize("n_q", [1, 3, 4, 7])
 def test_mix_rows_matches_numpy(n: int, n_q: int, isa: str) -> None:

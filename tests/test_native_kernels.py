@@ -36,7 +36,13 @@ ARCHES = {
     "x86_64": {
         "defines": ["-DALPACA_HAVE_X86=1"],
         "isa_glob": "kernels_avx*.cpp",
-        "isa_files": {"kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]},
+        "isa_files": {
+            "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+            "kernels_avx512.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                                   "-mavx512vl"],
+            "kernels_avx512_vnni.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                                        "-mavx512vl", "-mavx512vnni"],
+        },
     },
     "aarch64": {
         "defines": ["-DALPACA_HAVE_NEON=1"],

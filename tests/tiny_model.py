@@ -67,8 +67,10 @@ def tiny_weights(spec: TinySpec) -> dict[str, np.ndarray]:
 
 
 def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
-                     extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write a tiny LLaMA GGUF file; 2-D weights in spec.wtype, norms F32."""
+                     extra_metadata: dict[str, Any] | None = None,
+                     weights: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a tiny LLaMA GGUF file; 2-D weights in spec.wtype, norms F32. `weights` replaces
+    the random ones of tiny_weights (same names and shapes)."""
     writer = GGUFWriter(str(path), "llama")
     writer.add_context_length(spec.context_length)
     writer.add_embedding_length(spec.dim)
@@ -93,7 +95,7 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
             writer.add_string(key, value)
         else:
             writer.add_array(key, value)
-    for name, arr in tiny_weights(spec).items():
+    for name, arr in (weights or tiny_weights(spec)).items():
         qtype = T.F32 if arr.ndim == 1 else spec.wtype
         if name == "token_embd.weight" and spec.embd_type is not None:
             qtype = spec.embd_type

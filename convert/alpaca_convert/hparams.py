@@ -57,5 +57,6 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def config_metadata(config: ModelConfig) -> list[kv.KeyValue]:
     """The `llama.*` keys llama.cpp and our engine read: integers as UINT32, floats as FLOAT32."""
-    return [kv.f32(key, value) if isinstance(value, float) else kv.u32(key, value)
+    return [kv.string(key, value) if isinstance(value, str)
+            else kv.f32(key, value) if isinstance(value, float) else kv.u32(key, value)
             for key, value in config.to_metadata().items()]

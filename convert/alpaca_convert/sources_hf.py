@@ -20,11 +20,15 @@ from .hf_layout import IGNORED, gguf_name, permute_for_gguf
 from .hparams import check_config, config_metadata, tensor_shapes
 from .json_file import read_json_object
 from .metadata import KeyValue
+from .rope_scaling import ROPE_FREQS, rope_scaling
 from .source import Source
 from .tensor_io import PickleFile, SafetensorsFile
 from .tokenizer import find_tokenizer, tokenizer_metadata
 
-ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
+# Mistral 7B is a LLaMA with grouped-query attention; its sliding window (v0.1: 4096) is
+# ignored, as llama.cpp's converter and engine ignore it.
+ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
+
 
 def params_from_config(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures")
@@ -32,9 +36,9 @@ def params_from_config(path: Path, cfg: dict[str, Any]) -> ModelConfig:
         if not (isinstance(archs, list) and any(a in ARCHITECTURES for a in archs)):
             raise ConvertError(f"{path}: unknown architecture {archs!r}, expected "
                                f"{' or '.join(ARCHITECTURES)}")
-    elif cfg.get("model_type") != "llama":
+    elif cfg.get("model_type") not in ("llama", "mistral"):
         raise ConvertError(f"{path}: unknown architecture: no 'architectures' and model_type "
-                           f"{cfg.get('model_type')!r}, expected 'llama'")
+                           f"{cfg.get('model_type')!r}, expected 'llama' or 'mistral'")
 
     def need(key: str) -> Any:
         if key not in cfg:
@@ -46,28 +50,35 @@ def params_from_config(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ConvertError(f"{path}: {key} = true; LLaMA layers without biases are expected")
-    # transformers 5 keeps RoPE settings in rope_parameters, older versions at the top level.
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ConvertError(f"{path}: RoPE scaling {rope_type!r} is not supported (only plain "
-                           "RoPE)")
-    rope_base = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
     head_dim = cfg.get("head_dim") or (dim // n_heads if isinstance(dim, int)
                                        and isinstance(n_heads, int) and n_heads else 0)
+    rope = _rope_entry(cfg)
+    rope_base = rope.get("rope_theta", 10000.0)
+    if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)):
+        raise ConvertError(f"{path}: rope_theta = {rope_base!r}, expected a number")
+    linear, llama3 = rope_scaling(str(path), rope)
     try:
         params = ModelConfig(
             n_vocab=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"),
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, n_rot=head_dim,
             ffn_dim=need("intermediate_size"), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_base=float(rope_base), context_length=cfg.get("max_position_embeddings", 2048),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling_factor=linear, has_rope_freqs=llama3 is not None)
     except (TypeError, ValueError) as e:
         raise ConvertError(f"{path}: a hyper-parameter is not a number ({e})") from None
     return check_config(params, str(path))
+
+
+def _rope_entry(cfg: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings: transformers 5 keeps them in rope_parameters, older versions in
+    rope_theta and rope_scaling at the top level."""
+    rope = dict(cfg.get("rope_scaling") or {})
+    if "rope_theta" in cfg:
+        rope["rope_theta"] = cfg["rope_theta"]
+    return rope | dict(cfg.get("rope_parameters") or {})
 
 
 def _check_numbered(folder: Path, files: list[Path], what: str) -> None:
@@ -126,6 +137,12 @@ class HfSource(Source):
         config_path = folder / "config.json"
         self.config = read_json_object(config_path)
         self.params = params_from_config(config_path, self.config)
+        # tensors computed from the config, not read from the weights (Llama 3's rope_freqs)
+        self._computed: dict[str, np.ndarray] = {}
+        _, llama3 = rope_scaling(str(config_path), _rope_entry(self.config))
+        if llama3 is not None:
+            self._computed[ROPE_FREQS] = llama3.rope_freqs(self.params.rope_base,
+                                                           self.params.head_dim)
         self._shapes = tensor_shapes(self.params)
         self.tokenizer_path = find_tokenizer(folder)
         self.files, self.file_kind = _weight_files(folder)
@@ -150,7 +167,7 @@ class HfSource(Source):
             raise ConvertError(f"{folder}: unexpected tensor name(s) for LlamaForCausalLM: "
                                f"{', '.join(unexpected[:5])}"
                                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
-        missing = [n for n in self._shapes if n not in self._where]
+        missing = [n for n in self._shapes if n not in self._where and n not in self._computed]
         if missing:
             raise ConvertError(f"{folder}: missing tensor(s) {', '.join(missing[:5])} "
                                f"({len(missing)} in all) in {', '.join(f.name for f in self.files)}")
@@ -170,11 +187,13 @@ class HfSource(Source):
                                f"{list(expected)} from config.json")
 
     def read(self, name: str) -> np.ndarray:
+        if name in self._computed:
+            return self._computed[name]
         _, hf_name, read, _ = self._where[name]
         return permute_for_gguf(name, read(hf_name), self.params)
 
     def stored_type(self, name: str) -> str:
-        return self._where[name][3]
+        return "computed" if name in self._computed else self._where[name][3]
 
     def metadata(self) -> list[KeyValue]:
         tok_kv, self.tokenizer_description = tokenizer_metadata(
@@ -186,5 +205,7 @@ class HfSource(Source):
 
     def describe(self) -> str:
         n = len(self.files)
-        return (f"Hugging Face LlamaForCausalLM, {n} {self.file_kind} file{'s' * (n > 1)} "
+        arch = next((a for a in self.config.get("architectures") or [] if a in ARCHITECTURES),
+                    "LlamaForCausalLM")
+        return (f"Hugging Face {arch}, {n} {self.file_kind} file{'s' * (n > 1)} "
                 f"in {self.path}")

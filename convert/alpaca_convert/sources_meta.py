@@ -21,6 +21,7 @@ from .errors import ConvertError
 from .hparams import check_config, config_metadata, tensor_shapes
 from .json_file import read_json_object
 from .metadata import KeyValue
+from .rope_scaling import ROPE_FREQS, llama3_scaling
 from .source import Source
 from .tensor_io import PickleFile
 from .tokenizer import find_tokenizer, tokenizer_metadata
@@ -67,11 +68,22 @@ def _context_length(p: dict[str, Any]) -> int:
     """params.json does not say; these are the lengths the releases were trained with."""
     if "max_seq_len" in p:
         return int(p["max_seq_len"])
+    if p.get("rope_theta") == 500_000:
+        return 131072 if p.get("use_scaled_rope") else 8192  # Llama 3.1+, Llama 3.0
     if p.get("rope_theta") == 1_000_000:
         return 16384  # Code Llama
     if p.get("norm_eps") == 1e-5:
         return 4096  # Llama 2
     return 2048  # LLaMA 1
+
+
+def _scaled_rope(path: Path, p: dict[str, Any]) -> bool:
+    """Llama 3.1+ params.json: `use_scaled_rope` (Meta's apply_scaling: factor
+    `rope_scaling_factor`, default 8, high_freq_factor 4, low 1, original context 8192)."""
+    value = p.get("use_scaled_rope", False)
+    if not isinstance(value, bool):
+        raise ConvertError(f"{path}: use_scaled_rope = {value!r}, expected true or false")
+    return value
 
 
 class MetaSource(Source):
@@ -85,6 +97,13 @@ class MetaSource(Source):
         self.shard_paths = self._find_shards(folder)
         self.shards = [PickleFile(f) for f in self.shard_paths]
         self.params = self._params(params_path, p)
+        self._llama31 = p.get("use_scaled_rope") is True
+        # tensors computed from params.json, not read from the shards (Llama 3.1's rope_freqs)
+        self._computed: dict[str, np.ndarray] = {}
+        if self.params.has_rope_freqs:
+            scaling = llama3_scaling(str(params_path), p, {"factor": "rope_scaling_factor"})
+            self._computed[ROPE_FREQS] = scaling.rope_freqs(self.params.rope_base,
+                                                            self.params.head_dim)
         self._names = meta_names(self.params.n_layers)
         self._by_gguf = {gguf: (meta, axis) for meta, (gguf, axis) in self._names.items()}
         self._check_tensors()
@@ -128,7 +147,8 @@ class MetaSource(Source):
                 n_kv_heads=p.get("n_kv_heads") or n_heads, head_dim=head_dim, n_rot=head_dim,
                 ffn_dim=ffn_dim,
                 rms_eps=float(need("norm_eps")), rope_base=float(p.get("rope_theta", 10000.0)),
-                context_length=_context_length(p), tied_embeddings=False)
+                context_length=_context_length(p), tied_embeddings=False,
+                has_rope_freqs=_scaled_rope(path, p))
         except (TypeError, ValueError, ZeroDivisionError) as e:
             raise ConvertError(f"{path}: a hyper-parameter is not a valid number ({e})") from None
         return check_config(params, str(path))
@@ -167,6 +187,8 @@ class MetaSource(Source):
                                    f"{list(shapes[gguf])} (from params.json, {n} shard(s))")
 
     def read(self, name: str) -> np.ndarray:
+        if name in self._computed:
+            return self._computed[name]
         meta, axis = self._by_gguf[name]
         parts = [s.read(meta) for s in self.shards]
         if axis is REPLICATED:  # small (norms): check the copies really agree
@@ -179,11 +201,14 @@ class MetaSource(Source):
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
     def stored_type(self, name: str) -> str:
+        if name in self._computed:
+            return "computed"
         return self.shards[0].dtype(self._by_gguf[name][0])
 
     def metadata(self) -> list[KeyValue]:
         tok_kv, self.tokenizer_description = tokenizer_metadata(
-            self.tokenizer_path, self.path, self.params.n_vocab, add_bos_eos=(True, False))
+            self.tokenizer_path, self.path, self.params.n_vocab, add_bos_eos=(True, False),
+            llama31=self._llama31)
         return kv.general(self.path.resolve().name) + config_metadata(self.params) + tok_kv
 
     def describe(self) -> str:

@@ -19,6 +19,7 @@ from .json_file import read_json_object
 from .metadata import KeyValue
 from .tokenizer_bpe import bpe_vocab
 from .tokenizer_spm import spm_vocab
+from .tokenizer_tiktoken import is_tiktoken, tiktoken_vocab
 from .vocab import Vocab
 
 _SPECIAL_NAMES = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
@@ -96,10 +97,17 @@ def _chat_templates(folder: Path, tok_cfg: dict[str, Any]) -> list[KeyValue]:
 
 def tokenizer_metadata(path: Path, folder: Path, n_vocab: int,
                        hf_config: dict[str, Any] | None = None,
-                       add_bos_eos: tuple[bool, bool] | None = None) -> tuple[list[KeyValue], str]:
+                       add_bos_eos: tuple[bool, bool] | None = None,
+                       llama31: bool = True) -> tuple[list[KeyValue], str]:
     """GGUF tokenizer keys for the tokenizer file `path` (configs read from `folder`), and a
-    one-line description. `add_bos_eos` is written when no file says otherwise."""
-    vocab = spm_vocab(path) if path.suffix == ".model" else bpe_vocab(path)
+    one-line description. `add_bos_eos` is written when no file says otherwise; `llama31`
+    picks Llama 3.1's special-token names over 3.0's for a tiktoken `tokenizer.model`."""
+    if path.suffix != ".model":
+        vocab = bpe_vocab(path)
+    elif is_tiktoken(path):
+        vocab = tiktoken_vocab(path, n_vocab, llama31)
+    else:
+        vocab = spm_vocab(path)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     if vocab.model == "llama":
         _add_hf_tokens(vocab, tok_cfg, folder, n_vocab)
@@ -146,4 +154,6 @@ def tokenizer_metadata(path: Path, folder: Path, n_vocab: int,
     entries += _chat_templates(folder, tok_cfg)
 
     kind = "SentencePiece" if vocab.model == "llama" else f"BPE (pre-tokenizer {vocab.pre})"
+    if vocab.model == "gpt2" and path.suffix == ".model":
+        kind = f"tiktoken BPE (pre-tokenizer {vocab.pre})"
     return entries, f"{kind} from {path.name}, {len(vocab.tokens)} tokens"

@@ -12,8 +12,9 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import llguidance
 import numpy as np
@@ -360,3 +361,33 @@ class Constraint:
     def is_accepting(self) -> bool:
         """True when the text so far is a whole document (generation may end here)."""
         return bool(self._matcher.is_accepting())
+
+
+# ---- the mask beside the forward pass ----------------------------------------------------------
+
+_MASK_WORKER: ThreadPoolExecutor | None = None
+_WORKER_LOCK = threading.Lock()
+_T = TypeVar("_T")
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _MASK_WORKER
+    with _WORKER_LOCK:
+        if _MASK_WORKER is None:
+            _MASK_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alpaca-mask")
+        return _MASK_WORKER
+
+
+def advance_beside(constraint: Constraint, token: int, work: Callable[[_T], np.ndarray],
+                   arg: _T) -> np.ndarray:
+    """`constraint.advance(token)` on a worker thread while this thread runs `work(arg)` (the
+    forward pass, which releases the GIL); both done when this returns. An error of either is
+    raised here (the forward pass's first)."""
+    pending = _worker().submit(constraint.advance, token)
+    try:
+        result = work(arg)
+    finally:
+        error = pending.exception()  # waits: the constraint is never left half-advanced
+    if error is not None:
+        raise error
+    return result

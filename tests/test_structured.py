@@ -160,7 +160,7 @@ def test_json_schema_validity_200_generations(llm: Llama) -> None:
 
 def test_json_object_mode(llm: Llama) -> None:
     r = llm.create_chat_completion(_ask("a pet"), response_format={"type": "json_object"},
-                                   temperature=1.0, seed=3, max_tokens=MAX_TOKENS_DOC)
+                                   temperature=1.0, seed=3, max_tokens=48)
     choice = r["choices"][0]
     if choice["finish_reason"] == "stop":
         assert isinstance(json.loads(choice["message"]["content"]), dict)
@@ -349,7 +349,7 @@ def test_tool_choice_none_and_auto_answer_text_or_call(llm: Llama) -> None:
                                    max_tokens=8)
     assert "tool_calls" not in r["choices"][0]["message"]
     r = llm.create_chat_completion(QUESTION, tools=TOOLS, tool_choice="auto", temperature=1.0,
-                                   seed=6, max_tokens=MAX_TOKENS_DOC)
+                                   seed=6, max_tokens=40)
     out = r["choices"][0]
     if out["finish_reason"] == "tool_calls":
         (call,) = out["message"]["tool_calls"]
@@ -443,3 +443,36 @@ def test_hostile_schema_refused_or_bounded(llm: Llama, schema: dict[str, Any]) -
     except GrammarError:
         pass  # refused with a message: fine
     assert time.perf_counter() - t0 < HOSTILE_SECONDS
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}\nCall one as "
+    "<tool_call>{...}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}"
+    "{% for c in m.tool_calls %}<tool_call>\n{{ c.function | tojson }}\n</tool_call>"
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_hermes_syntax_grammar_prompt_and_parse(llm: Llama) -> None:
+    """A template that knows tools gets them (and the call message) itself; the call syntax is
+    its `<tool_call>` one, the grammar accepts exactly that, and the parser reads it back."""
+    from alpaca_cpu.chat_template import JinjaChatFormatter
+
+    grammar, plan = request_constraint(None, TOOLS, "required", HERMES_TEMPLATE)
+    assert plan is not None and plan.syntax.name == "hermes" and grammar is not None
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    c = Constraint(grammar, llm.tokenizer_)
+    for tok in llm.tokenize(call.encode(), add_bos=False):
+        assert c.allowed(tok), llm.detokenize([tok])
+        c.advance(tok)
+    assert c.is_accepting()
+    (parsed,) = plan.parse(call) or []
+    assert parsed["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    bad = Constraint(grammar, llm.tokenizer_)  # arguments outside the tool's schema: refused
+    toks = llm.tokenize(call.replace('"b": 2', '"c": 2').encode(), add_bos=False)
+    assert not all(bad.allowed(t) and bad.advance(t) is None for t in toks)
+    messages = plan.prompt_messages([*QUESTION, {"role": "assistant", "content": None,
+                                                 "tool_calls": parsed and [parsed]}])
+    text = JinjaChatFormatter(HERMES_TEMPLATE).render(messages, tools=plan.tools)
+    assert "get_weather" in text and '"arguments": "{\\"a\\": 1' in text

@@ -320,9 +320,9 @@ class Constraint:
                                              log_level=0, limits=LIMITS)
         self._check("start")
         self._bits = np.full((self.n_vocab + 31) // 32, -1, dtype=np.int32)
-        self._allowed = np.empty(self.n_vocab, dtype=bool)
+        self._forbidden = np.empty(self.n_vocab, dtype=bool)  # made beside the forward pass
         self._fill()
-        if not self._allowed.any():
+        if self._forbidden.all():
             raise GrammarError(f"{grammar.description} accepts nothing")
 
     def _check(self, when: str) -> None:
@@ -334,16 +334,20 @@ class Constraint:
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._check("a mask computation")
         bits = np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little")
-        np.not_equal(bits, 0, out=self._allowed)
+        np.equal(bits, 0, out=self._forbidden)
 
     def allowed(self, token: int) -> bool:
-        return bool(self._allowed[token])
+        return not self._forbidden[token]
+
+    def allowed_tokens(self) -> np.ndarray:
+        """The ids the grammar allows next."""
+        return np.flatnonzero(~self._forbidden)
 
     def apply(self, logits: np.ndarray) -> None:
         """Forbidden tokens' logits to -inf, in place (logits longer than the tokenizer's
         vocabulary: the extra rows are forbidden too)."""
         head = logits[: self.n_vocab]
-        np.copyto(head, np.float32(-np.inf), where=~self._allowed)
+        np.copyto(head, np.float32(-np.inf), where=self._forbidden)
         if logits.shape[0] > self.n_vocab:
             logits[self.n_vocab :] = -np.inf
 
@@ -355,8 +359,8 @@ class Constraint:
         if not self._matcher.is_stopped():
             self._fill()
         else:  # the document is complete: only an end-of-generation token may follow
-            self._allowed[:] = False
-            self._allowed[self._eog] = True
+            self._forbidden[:] = True
+            self._forbidden[self._eog] = False
 
     def is_accepting(self) -> bool:
         """True when the text so far is a whole document (generation may end here)."""

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         result["engines"][f"llguidance@{size}"] = run_llguidance(toks, eos_ids, enc, dd)
         result["engines"][f"outlines_core@{size}"] = run_outlines(toks, eos_ids, dd,
                                                                   args.outlines_budget_s)
-    for name, r in result["engines"].items():
+    for r in result["engines"].values():
         r["features_supported"] = sum(isinstance(v, dict) and v["document_accepted"]
                                       for v in r["features"].values())
         r["compile_ms_median"] = statistics.median(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from alpaca_cpu.llama import Llama
-from alpaca_cpu.structured import Constraint, Grammar, GrammarError
+from alpaca_cpu.structured import Constraint, Grammar, GrammarError, engine_token_bytes
 from alpaca_cpu.tool_calls import request_constraint
 
 # A hostile schema must be refused or compiled within this long (the bound in structured.LIMITS
@@ -305,13 +305,19 @@ def test_eog_only_where_the_grammar_may_end(llm: Llama) -> None:
 
 
 def test_special_tokens_never_spell_grammar_text(llm: Llama) -> None:
-    """`<|im_end|>` is a control token: a grammar asking for that text must get plain tokens."""
-    c = Constraint(Grammar.from_string('root ::= "<|im_end|>"'), llm.tokenizer_)
+    """`<|im_start|>` is a control token: a grammar asking for that text gets plain tokens."""
+    c = Constraint(Grammar.from_string('root ::= "<|im_start|>"'), llm.tokenizer_)
     logits = np.zeros(llm.n_vocab(), dtype=np.float32)
     c.apply(logits)
-    im_end = llm.tokenizer_.tokens.index("<|im_end|>")
-    assert not np.isfinite(logits[im_end])
+    im_start = llm.tokenizer_.tokens.index("<|im_start|>")
+    assert not llm.tokenizer_.is_eog(im_start)
+    assert not np.isfinite(logits[im_start])
     assert np.isfinite(logits).any()
+    # The bridge marks it (llguidance's special-token prefix); plain tokens keep their bytes.
+    pieces = engine_token_bytes(llm.tokenizer_)
+    assert pieces[im_start] == b"\xff<|im_start|>"
+    hello = llm.tokenize(b"hello", add_bos=False)[0]
+    assert pieces[hello] == llm.tokenizer_.token_to_piece(hello)
 
 
 # ---- tool calls --------------------------------------------------------------------------------
@@ -388,7 +394,7 @@ def test_tool_round_trip_and_streamed_call(llm: Llama) -> None:
 
 
 @pytest.mark.parametrize(("grammar", "message"), [
-    ('root ::= "a" |\n  ("b" ', r"line 2, column \d+"),
+    ('root ::= "a" |\n  ("b" ', "line 2, column 8"),
     ("root ::= foo", "undefined rule.*foo"),
     ('root ::= "a" root', "accepts nothing"),
     ('expr ::= "a"', "no 'root' rule"),
@@ -476,3 +482,51 @@ def test_hermes_syntax_grammar_prompt_and_parse(llm: Llama) -> None:
                                                  "tool_calls": parsed and [parsed]}])
     text = JinjaChatFormatter(HERMES_TEMPLATE).render(messages, tools=plan.tools)
     assert "get_weather" in text and '"arguments": "{\\"a\\": 1' in text
+
+
+def _walk(grammar: Grammar, llm: Llama, text: str) -> bool:
+    """True when the grammar accepts `text` as a whole document, token by token."""
+    c = Constraint(grammar, llm.tokenizer_)
+    for tok in llm.tokenize(text.encode(), add_bos=False):
+        if not c.allowed(tok):
+            return False
+        c.advance(tok)
+    return c.is_accepting()
+
+
+def test_strict_refuses_unlisted_properties(llm: Llama) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert _walk(Grammar.from_json_schema(schema, strict=False), llm, '{"a":1,"b":2}')
+    assert not _walk(Grammar.from_json_schema(schema, strict=True), llm, '{"a":1,"b":2}')
+    assert _walk(Grammar.from_json_schema(schema, strict=True), llm, '{"a":1}')
+
+
+def test_mask_is_computed_beside_the_forward_pass(llm: Llama, monkeypatch) -> None:
+    """Each advance (consume + next mask) runs on the mask worker, not the generating thread,
+    and overlaps the forward pass: it starts before that step's forward pass returns."""
+    import threading
+
+    events: list[tuple[str, str]] = []
+    advance, forward = Constraint.advance, llm._model.forward
+
+    def recording_advance(self: Constraint, token: int) -> None:
+        events.append(("advance", threading.current_thread().name))
+        advance(self, token)
+
+    def slow_forward(*args: Any, **kwargs: Any) -> np.ndarray:
+        out = forward(*args, **kwargs)
+        time.sleep(0.1)  # stands in for a long forward pass (releases the GIL, like it)
+        events.append(("forward_done", threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(Constraint, "advance", recording_advance)
+    monkeypatch.setattr(llm._model, "forward", slow_forward)
+    r = llm.create_completion("Count: ", grammar='root ::= [0-9] [0-9] [0-9]', max_tokens=3,
+                              temperature=1.0, seed=1)
+    assert len(r["choices"][0]["text"]) == 3
+    advances = [i for i, e in enumerate(events) if e[0] == "advance"]
+    assert len(advances) >= 2
+    assert all(events[i][1].startswith("alpaca-mask") for i in advances)
+    main = threading.current_thread().name
+    for i in advances:  # the forward pass of the same step finishes after the advance began
+        assert events[i + 1] == ("forward_done", main)

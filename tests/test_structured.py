@@ -128,12 +128,12 @@ def _valid(text: str, schema: dict[str, Any]) -> bool:
 def test_json_schema_outputs_validate(llm: Llama) -> None:
     """A few schemas of the 40 (the slow test runs them all): each finished output validates."""
     checked = 0
-    for i in (0, 4, 6, 10, 13):
+    for i in (0, 6, 10):
         text, finish = _generate(llm, SCHEMAS[i], seed=i)
         if finish == "stop":
             assert _valid(text, SCHEMAS[i]), (i, text)
             checked += 1
-    assert checked >= 3  # most of these short documents finish well inside MAX_TOKENS_DOC
+    assert checked >= 2  # most of these short documents finish well inside MAX_TOKENS_DOC
 
 
 @pytest.mark.slow

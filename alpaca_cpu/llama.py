@@ -656,7 +656,9 @@ class Llama:
                                       tools=plan.tools if use_tools else None)
         else:
             tokens = self.render_chat(messages)
-        stops = self._check_common(max_tokens, None, stop) + list(self._chat.stop)
+        stops = self._check_common(max_tokens, None, stop)
+        if constraint is None:  # under a constraint the grammar ends the text (EOG tokens);
+            stops += list(self._chat.stop)  # the format's stop text may be JSON content there
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                 presence_penalty=presence_penalty,

@@ -530,3 +530,21 @@ def test_mask_is_computed_beside_the_forward_pass(llm: Llama, monkeypatch) -> No
     main = threading.current_thread().name
     for i in advances:  # the forward pass of the same step finishes after the advance began
         assert events[i + 1] == ("forward_done", main)
+
+
+@pytest.mark.parametrize(("template", "call"), [
+    (HERMES_TEMPLATE, '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'),
+    ("{{ tools }}<|python_tag|>{% for m in messages %}{{ m.content }}{% endfor %}",
+     '{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+    (None, '{"name": "add", "arguments": {"a": 1, "b": 2}}'),
+], ids=["hermes", "llama3", "generic"])
+def test_each_call_syntax_round_trips(llm: Llama, template: str | None, call: str) -> None:
+    grammar, plan = request_constraint(None, TOOLS, "required", template)
+    assert grammar is not None and plan is not None
+    assert _walk(grammar, llm, call)
+    assert not _walk(grammar, llm, call.replace('"a": 1', '"a": "one"'))  # not the schema
+    assert not _walk(grammar, llm, call.replace('"add"', '"sub"'))  # not a tool
+    (parsed,) = plan.parse(call) or []
+    assert parsed["function"]["name"] == "add"
+    assert json.loads(parsed["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert plan.parse("just text") is None

@@ -283,7 +283,7 @@ class _Wrapper:
         self.special_token_ids = [i for i, t in enumerate(tokens) if t.startswith(SPECIAL_PREFIX)]
 
     def __call__(self, data: bytes) -> list[int]:
-        return self._tokenizer.encode(data, add_bos=False, special=False)
+        return self._tokenizer.encode_plain(data)
 
 
 def engine_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:

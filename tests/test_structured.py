@@ -548,3 +548,35 @@ def test_each_call_syntax_round_trips(llm: Llama, template: str | None, call: st
     assert parsed["function"]["name"] == "add"
     assert json.loads(parsed["function"]["arguments"]) == {"a": 1, "b": 2}
     assert plan.parse("just text") is None
+
+
+def _spm_tokenizer() -> Any:
+    """A small SentencePiece-style vocabulary: control tokens, the 256 byte tokens, then pieces
+    with and without the word-start mark (so a space prefix would change the ids)."""
+    from alpaca_cpu.tokenizer import Tokenizer
+
+    pieces = ["\u2581", "\u2581[", "[", "]", "1", "2", "12", "\u2581hello", "hello"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)  # unknown, control, byte, normal
+    return Tokenizer.from_metadata({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces))],
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0})
+
+
+@pytest.mark.parametrize("kind", ["spm", "bpe"])
+def test_bridge_on_spm_and_bpe_vocabularies(llm: Llama, kind: str) -> None:
+    """SentencePiece (space prefix, byte tokens) and byte-level BPE (SmolLM2): the grammar's text
+    comes out as exactly its bytes, never with the SPM space prefix in front."""
+    tok = _spm_tokenizer() if kind == "spm" else llm.tokenizer_
+    assert kind == "bpe" or tok.encode(b"[12]", add_bos=False)[0] == tok.tokens.index("\u2581[")
+    grammar = Grammar.from_string('root ::= "[" [0-9]+ "]"')
+    c = Constraint(grammar, tok)
+    first = {tok.token_to_piece(int(t)) for t in c.allowed_tokens()}
+    assert first and all(p.startswith(b"[") for p in first), first
+    for t in tok.encode_plain(b"[12]"):
+        assert c.allowed(t)
+        c.advance(t)
+    assert c.is_accepting()
+    assert tok.decode(tok.encode_plain(b"[12]")) == b"[12]"

@@ -216,6 +216,9 @@ def _load_schema(schema: Mapping[str, Any] | str | bool) -> Any:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise GrammarError(f"the JSON Schema is not valid JSON: {e}") from None
+        except RecursionError:
+            raise GrammarError(f"the JSON Schema is nested deeper than {MAX_SCHEMA_DEPTH} "
+                               f"levels") from None
     if not isinstance(schema, (Mapping, bool)):
         raise GrammarError(f"a JSON Schema must be an object or a boolean, got "
                            f"{type(schema).__name__}")

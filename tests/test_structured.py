@@ -437,11 +437,12 @@ def _deep(n: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("schema", [
     _deep(500),
+    '{"items":' * 100_000 + "{}" + "}" * 100_000,  # JSON text nested past Python's recursion
     {"enum": [f"value-{i}" for i in range(20_000)]},
     {"type": "string", "pattern": "^(a+)+(b|c?)*(d{1,9}){1,9}$"},
     {"type": "string", "pattern": "^[a-z]{1,1000}[0-9]{1,1000}[a-z]{1,1000}$"},
-], ids=["deep", "huge_enum", "catastrophic_pattern", "large_repeat"])
-def test_hostile_schema_refused_or_bounded(llm: Llama, schema: dict[str, Any]) -> None:
+], ids=["deep", "deep_text", "huge_enum", "catastrophic_pattern", "large_repeat"])
+def test_hostile_schema_refused_or_bounded(llm: Llama, schema: Any) -> None:
     t0 = time.perf_counter()
     try:
         g = Grammar.from_json_schema(schema)

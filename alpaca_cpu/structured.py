@@ -195,6 +195,9 @@ class Grammar:
         return cls.from_json_schema({"type": "object"}, strict=False)
 
 
+LlamaGrammar = Grammar  # llama-cpp-python's name, for code written against it
+
+
 def _referenced(rules: Mapping[str, Any]) -> set[str]:
     names: set[str] = set()
 

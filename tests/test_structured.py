@@ -253,7 +253,9 @@ def test_gbnf_outputs_parse(llm: Llama, grammar: str, parse: Any, prompt: str) -
 
 
 def test_grammar_object_and_llama_cpp_python_name(llm: Llama) -> None:
-    g = Grammar.from_string('root ::= "yes" | "no"')
+    from alpaca_cpu.structured import LlamaGrammar
+
+    g = LlamaGrammar.from_string('root ::= "yes" | "no"')
     r = llm.create_completion("Is water wet? Answer: ", grammar=g, temperature=1.0, seed=1)
     assert r["choices"][0]["text"] in ("yes", "no")
     assert r["choices"][0]["finish_reason"] == "stop"

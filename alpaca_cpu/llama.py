@@ -24,7 +24,9 @@ from .llama_compat import split_compat_args
 from .model import Model
 from .sampling import SamplingParams, sample, token_logprobs
 from .stop_strings import StopStringFilter
+from .structured import Constraint, Grammar, advance_beside
 from .tokenizer import StreamingDecoder, Tokenizer, check_unicode
+from .tool_calls import ToolPlan, request_constraint
 
 MAX_TOKENS_LIMIT = 1 << 31  # beyond this a max_tokens value is a mistake, not a request
 
@@ -382,7 +384,7 @@ class Llama:
         ids = self._check_ids(tokens, self.n_ctx())
         if not ids:
             raise ValueError("cannot generate after an empty list of tokens")
-        return self._token_ids(self._generate(ids, params, rng, context_shift, n_keep))
+        return self._token_ids(self._generate(ids, params, rng, context_shift, n_keep, None))
 
     def _rng_for(self, seed: int | None) -> np.random.Generator:
         """The generator a call samples with: its own for a seed, else this object's."""
@@ -398,8 +400,12 @@ class Llama:
             steps.close()  # now, not whenever the garbage collector gets to it: frees the turn
 
     def _generate(self, tokens: list[int], params: SamplingParams, rng: np.random.Generator,
-                  context_shift: bool, n_keep: int) -> Iterator[tuple[int, np.ndarray]]:
+                  context_shift: bool, n_keep: int,
+                  constraint: Constraint | None) -> Iterator[tuple[int, np.ndarray]]:
         """Each sampled token with the logits it was sampled from.
+
+        Under a constraint the logits are masked in place before sampling, and the mask of the
+        next step is computed while the forward pass runs (docs/design.md, section 15).
 
         The generation keeps its own context and brings the cache to it before every step, so
         it stays right even if something else used the model while it was suspended at a
@@ -412,6 +418,11 @@ class Llama:
             with self._lock:
                 logits = self._sync(ctx, record=True)
             while True:
+                if constraint is not None:
+                    with self._lock:
+                        if self._logits is logits:
+                            self._logits = None  # the cache's logits are about to be masked
+                    constraint.apply(logits)
                 tok = sample(logits, params, rng, ctx)
                 yield tok, logits
                 if held:
@@ -421,21 +432,29 @@ class Llama:
                         return
                     ctx = self._shifted(ctx, n_keep)
                 ctx.append(tok)
-                with self._lock:
-                    logits = self._sync(ctx)
+                if constraint is None:
+                    with self._lock:
+                        logits = self._sync(ctx)
+                else:
+                    logits = advance_beside(constraint, tok, self._locked_sync, ctx)
         finally:
             if held:
                 self._turn.release()
 
+    def _locked_sync(self, tokens: list[int]) -> np.ndarray:
+        with self._lock:
+            return self._sync(tokens)
+
     def _completion_steps(self, prompt_tokens: list[int], max_tokens: int | None,
                           params: SamplingParams, rng: np.random.Generator,
                           stop: Sequence[str], logprobs: int | None, context_shift: bool,
-                          n_keep: int) -> Iterator[GenerationStep]:
+                          n_keep: int, constraint: Constraint | None = None,
+                          ) -> Iterator[GenerationStep]:
         """A step per generated token, then a last step with the finish reason and the text
         held back until the end. Text never contains part of a stop string."""
         steps = StepMaker(self, len(prompt_tokens), max_tokens, stop, logprobs, context_shift)
         if not steps.done:
-            gen = self._generate(prompt_tokens, params, rng, context_shift, n_keep)
+            gen = self._generate(prompt_tokens, params, rng, context_shift, n_keep, constraint)
             try:
                 for tok, logits in gen:
                     step = steps.push(tok, logits)
@@ -518,15 +537,24 @@ class Llama:
 
     def _start(self, prompt: str | Sequence[int], params: SamplingParams, *,
                max_tokens: int | None, stop: str | Sequence[str] | None, seed: int | None,
-               logprobs: int | None, context_shift: bool,
-               n_keep: int) -> tuple[list[int], Iterator[GenerationStep]]:
+               logprobs: int | None, context_shift: bool, n_keep: int,
+               grammar: Grammar | str | None = None,
+               ) -> tuple[list[int], Iterator[GenerationStep]]:
         """Check a completion's arguments now; its prompt tokens and its (lazy) steps."""
         stops = self._check_common(max_tokens, logprobs, stop)
         rng = self._rng_for(seed)
         tokens = self._prompt_tokens(prompt)
         params.validate(self.n_vocab())
+        constraint = None
+        if grammar is not None:  # checked and its first mask computed now, before any token
+            if isinstance(grammar, str):
+                grammar = Grammar.from_string(grammar)
+            elif not isinstance(grammar, Grammar):
+                raise ValueError(f"grammar must be a GBNF string or a Grammar, got "
+                                 f"{type(grammar).__name__}")
+            constraint = Constraint(grammar, self.tokenizer_)
         return tokens, self._completion_steps(tokens, max_tokens, params, rng, stops, logprobs,
-                                              context_shift, n_keep)
+                                              context_shift, n_keep, constraint)
 
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 256,
                           temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,
@@ -536,11 +564,13 @@ class Llama:
                           stream: bool = False, logprobs: int | None = None, echo: bool = False,
                           logit_bias: Mapping[int, float] | None = None, *,
                           repeat_last_n: int = 64, context_shift: bool = False,
-                          n_keep: int = 0) -> dict[str, Any] | Iterator[dict[str, Any]]:
+                          n_keep: int = 0, grammar: Grammar | str | None = None,
+                          ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Complete `prompt` (text or token ids); OpenAI `text_completion` shape.
 
         max_tokens=None generates until an end-of-generation token, a stop string or a full
-        context (which, with context_shift=True, is shifted instead).
+        context (which, with context_shift=True, is shifted instead). `grammar` (a GBNF string
+        or a Grammar) constrains the text; "length" then means it is a valid prefix only.
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
@@ -548,7 +578,7 @@ class Llama:
                                 frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         tokens, steps = self._start(prompt, params, max_tokens=max_tokens, stop=stop, seed=seed,
                                     logprobs=logprobs, context_shift=context_shift,
-                                    n_keep=n_keep)
+                                    n_keep=n_keep, grammar=grammar)
         echo_text = ""
         if echo:
             echo_text = (prompt if isinstance(prompt, str)
@@ -598,8 +628,10 @@ class Llama:
     # ---- chat ----------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Mapping[str, str]],
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with this model's chat format."""
+                    add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with this model's chat format (`tools` reach
+        a Jinja template that uses them)."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise ValueError(  # noqa: TRY004
                 f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -611,7 +643,11 @@ class Llama:
             for field in ("role", "content"):
                 _check_nul(m[field], f"messages[{i}][{field!r}]")
                 check_unicode(m[field], f"messages[{i}][{field!r}]")
-        text = self._chat.render(messages, add_generation_prompt=add_generation_prompt)
+        if tools is not None:
+            text = self._chat.render(messages, add_generation_prompt=add_generation_prompt,
+                                     tools=tools)  # type: ignore[call-arg]
+        else:
+            text = self._chat.render(messages, add_generation_prompt=add_generation_prompt)
         bos = self.tokenizer_.bos_id
         starts_with_bos = bos is not None and text.startswith(self.tokenizer_.tokens[bos])
         return self._check_length(self.tokenizer_.encode(
@@ -631,43 +667,91 @@ class Llama:
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
                                logit_bias: Mapping[int, float] | None = None, *,
                                repeat_last_n: int = 64, context_shift: bool = False,
+                               response_format: Mapping[str, Any] | None = None,
+                               tools: Sequence[Mapping[str, Any]] | None = None,
+                               tool_choice: str | Mapping[str, Any] | None = None,
+                               grammar: Grammar | str | None = None,
                                ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Answer a conversation; OpenAI `chat.completion` shape (or chunks when streaming)."""
-        tokens = self.render_chat(messages)
-        stops = self._check_common(max_tokens, None, stop) + list(self._chat.stop)
+        """Answer a conversation; OpenAI `chat.completion` shape (or chunks when streaming).
+
+        `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"schema": ..., "strict": ...}}) or `grammar` constrains the answer; with `tools`, the
+        model's call comes back in `message.tool_calls` (finish_reason "tool_calls").
+        """
+        template = getattr(self._chat, "template", None)
+        constraint, plan = request_constraint(response_format, tools, tool_choice, template)
+        if grammar is not None:
+            if constraint is not None:
+                raise ValueError("grammar cannot be combined with response_format or tools")
+            constraint = grammar
+        if plan is not None:
+            use_tools = plan.syntax.name != "generic" and plan.mode != "none"
+            tokens = self.render_chat(plan.prompt_messages(messages),
+                                      tools=plan.tools if use_tools else None)
+        else:
+            tokens = self.render_chat(messages)
+        stops = self._check_common(max_tokens, None, stop)
+        if constraint is None:  # under a constraint the grammar ends the text (EOG tokens);
+            stops += list(self._chat.stop)  # the format's stop text may be JSON content there
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                 presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         tokens, steps = self._start(tokens, params, max_tokens=max_tokens, stop=stops, seed=seed,
-                                    logprobs=None, context_shift=context_shift, n_keep=0)
+                                    logprobs=None, context_shift=context_shift, n_keep=0,
+                                    grammar=constraint)
         cid = f"chatcmpl-{uuid.uuid4()}"
         if stream:
-            return self._stream_chat(cid, steps)
+            return self._stream_chat(cid, steps, plan)
         created = int(time.time())
         done = self._collect(steps, len(tokens))
+        message: dict[str, Any] = {"role": "assistant", "content": done.text}
+        finish = done.finish_reason
+        calls = plan.parse(done.text) if plan is not None and finish == "stop" else None
+        if calls:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
+                "tool_calls"
         return {"id": cid, "object": "chat.completion", "created": created,
                 "model": self.model_path,
-                "choices": [{"index": 0, "finish_reason": done.finish_reason, "logprobs": None,
-                             "message": {"role": "assistant", "content": done.text}}],
+                "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                             "message": message}],
                 "usage": _openai_usage(done)}
 
-    def _stream_chat(self, cid: str, steps: Iterator[GenerationStep]) -> Iterator[dict[str, Any]]:
+    def _stream_chat(self, cid: str, steps: Iterator[GenerationStep],
+                     plan: ToolPlan | None = None) -> Iterator[dict[str, Any]]:
         created = int(time.time())
 
-        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {"id": cid, "object": "chat.completion.chunk", "created": created,
                     "model": self.model_path,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                  "finish_reason": finish}]}
-        try:
-            yield chunk({"role": "assistant"}, None)
+        finish: list[str] = []
+
+        def texts() -> Iterator[str]:
             for step in steps:
                 if step.text:
-                    yield chunk({"content": step.text}, None)
+                    yield step.text
                 if step.finish_reason is not None:
-                    yield chunk({}, step.finish_reason)
+                    finish.append(step.finish_reason)
                     return
+
+        try:
+            yield chunk({"role": "assistant"}, None)
+            called = False
+            if plan is None or plan.mode == "none":
+                pieces: Iterator[tuple[str | None, dict[str, Any] | None]] = (
+                    (t, None) for t in texts())
+            else:
+                pieces = plan.stream(texts())
+            for content, call in pieces:
+                if call is not None:
+                    called = True
+                    yield chunk({"tool_calls": [call]}, None)
+                elif content:
+                    yield chunk({"content": content}, None)
+            reason = finish[0] if finish else "stop"
+            yield chunk({}, "tool_calls" if called and reason == "stop" else reason)
         finally:
             steps.close()
 

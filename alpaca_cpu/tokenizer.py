@@ -294,6 +294,15 @@ class Tokenizer:
             out.append(self.eos_id)
         return out
 
+    def encode_plain(self, text: bytes) -> list[int]:
+        """Token ids of `text` as a continuation of other text, exactly its bytes: no BOS/EOS,
+        no SentencePiece space prefix, no special tokens (what a grammar engine needs)."""
+        data = bytes(text)
+        try:
+            return self._encoder.encode(data.decode("utf-8"), False)
+        except UnicodeDecodeError:
+            return self._encoder.encode(data, False)
+
     def _split_specials(self, text: AnyStr, special: bool) -> list[AnyStr | int]:
         """Cut special tokens out of the text: longest token first, each everywhere it occurs in
         what is left (llama.cpp's tokenizer_st_partition)."""

@@ -186,7 +186,6 @@ struct TypeTraits {
   GgmlType vec_dot_type;     // the activation format a weight row of this type multiplies with
   size_t scale_bytes;        // fp16 scale fields (d, then m) of each block (weight_layout.h)
   size_t scale_offset;       // where they start in the block: 0, or Q6_K's d after its quants
-  bool panel8;               // the x86 Panel8 layout (weight_layout.h) is defined for it
   ToFloatFn to_float;        // reference (portable, bit-exact) row conversions: the scalar table's
   FromFloatFn from_float;
 };

@@ -528,6 +528,194 @@ static void gemm_panel8(int64_t n, const void* w, size_t w_stride, int64_t n_row
               static_cast<const uint8_t*>(act), act_stride, act_sums, n_tok, out, out_stride);
 }
 
+// ---- Q4_K and Q6_K in panels of 8 rows, with Q8_K activations ----
+// The same panel layouts and integer sums as the AVX-512 tables' (kernels_avx512_common.inc,
+// weight_layout.h) with 8 rows per panel: a super-block column holds the 8 rows' fp16 d (and
+// Q4_K's dmin), then the rest of their blocks in 32-byte columns of 4 bytes per row. With 16
+// registers, each token keeps one sub-block sum, its super-block sum and one float accumulator
+// (the mins are subtracted in the same accumulator), so 4 tokens share each unpacked column.
+constexpr int kMaxTokK = 4;
+
+// Q4_K: the 8 scales and mins of 8 rows from the 3 scale columns (k4_scale_min, 8 rows at once):
+// sc_lo / m_lo hold sub-blocks 0..3 in the 4 bytes of each row's lane, sc_hi / m_hi 4..7.
+struct K4Scales {
+  __m256i sc_lo, sc_hi, m_lo, m_hi;
+};
+static inline K4Scales k4_scales(const uint8_t* p) {
+  const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  const __m256i c2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+  const __m256i m6 = _mm256_set1_epi8(0x3f), m4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30);
+  K4Scales s;
+  s.sc_lo = _mm256_and_si256(c0, m6);
+  s.m_lo = _mm256_and_si256(c1, m6);
+  s.sc_hi = _mm256_or_si256(_mm256_and_si256(c2, m4), _mm256_and_si256(_mm256_srli_epi32(c0, 2), top2));
+  s.m_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(c2, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi32(c1, 2), top2));
+  return s;
+}
+
+// Byte b of every 32-bit lane, in both int16 halves of the lane (for madd).
+static inline __m256i lane_byte_pairs(__m256i v, int b) {
+  const __m256i x = _mm256_and_si256(_mm256_srli_epi32(v, 8 * b), _mm256_set1_epi32(0xff));
+  return _mm256_or_si256(x, _mm256_slli_epi32(x, 16));
+}
+
+// sum_j m_j (bsum_2j + bsum_2j+1) for one token (see the AVX-512 k4_min_sum).
+static inline __m256i k4_min_sum(const K4Scales& s, const block_q8_K& a) {
+  int32_t bs[8];
+  for (int j = 0; j < 8; j++) bs[j] = a.bsums[2 * j] + a.bsums[2 * j + 1];
+  auto pair = [&](int x, int y) {
+    return _mm256_set1_epi32(int32_t(uint32_t(uint16_t(bs[x])) | (uint32_t(uint16_t(bs[y])) << 16)));
+  };
+  const __m256i even = _mm256_set1_epi32(0x00ff00ff);
+  __m256i r = _mm256_madd_epi16(_mm256_and_si256(s.m_lo, even), pair(0, 2));
+  r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_srli_epi16(s.m_lo, 8), pair(1, 3)));
+  r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_and_si256(s.m_hi, even), pair(4, 6)));
+  return _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_srli_epi16(s.m_hi, 8), pair(5, 7)));
+}
+
+// Per super-block: d_w d_a sum_j sc_j sum(q a) - dmin_w d_a sum_j m_j bs_j. A sub-block's 8
+// maddubs steps add 16 products of q <= 15, |a| <= 128 per int16 lane (<= 30720); the scale
+// (< 64) multiplies them in the madd that widens them.
+template <int C>
+static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       const int32_t*, float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q4_K);
+  constexpr size_t kQs = 4 * kPanelRows + 3 * 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    prefetch_ahead<kBlock>(pb);
+    const block_q8_K* ab[C];
+    __m256i isum[C];
+    for (int c = 0; c < C; c++) {
+      ab[c] = reinterpret_cast<const block_q8_K*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
+    }
+    const K4Scales s = k4_scales(pb + 4 * kPanelRows);
+    for (int j = 0; j < 8; j++) {  // sub-block j: chunk j / 2, low nibbles for even j
+      const uint8_t* pq = pb + kQs + 256 * (j / 2);
+      __m256i sub[C];
+      for (int c = 0; c < C; c++) sub[c] = _mm256_setzero_si256();
+      for (int i = 0; i < 8; i++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pq + 32 * i));
+        const __m256i q = j % 2 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low4) : _mm256_and_si256(v, low4);
+        for (int c = 0; c < C; c++)
+          sub[c] = _mm256_add_epi16(sub[c], _mm256_maddubs_epi16(q, bcast4(ab[c]->qs + 32 * j + 4 * i)));
+      }
+      const __m256i sc = lane_byte_pairs(j < 4 ? s.sc_lo : s.sc_hi, j % 4);
+      for (int c = 0; c < C; c++) {
+        isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(sub[c], sc));
+        keep_in_register(isum[c]);
+      }
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
+    for (int c = 0; c < C; c++) {
+      const __m256 da = _mm256_set1_ps(ab[c]->d);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(k4_min_sum(s, *ab[c])), acc[c]);
+    }
+  }
+  store_panel<C>(acc, out, out_stride, nr);
+}
+
+// Q6_K: per super-block d_w d_a (sum_s sc_s sum(q a) - 32 sum_s sc_s bsum_s) (see the AVX-512
+// panel_q6_K for where each weight's bits are). q <= 63 and |a| <= 128: maddubs pairs fit int16
+// and are widened at every step; the signed scale multiplies the int32 sub-block sum.
+static inline __m256i q6_scale_bsum(const __m256i sc[4], const block_q8_K& a) {
+  __m256i r = _mm256_setzero_si256();
+  for (int col = 0; col < 4; col++) {
+    const int16_t* bs = a.bsums + 4 * col;
+    const int32_t even = int32_t(uint32_t(uint16_t(bs[0])) | (uint32_t(uint16_t(bs[2])) << 16));
+    const int32_t odd = int32_t(uint32_t(uint16_t(bs[1])) | (uint32_t(uint16_t(bs[3])) << 16));
+    const __m256i sc_even = _mm256_srai_epi16(_mm256_slli_epi16(sc[col], 8), 8);
+    const __m256i sc_odd = _mm256_srai_epi16(sc[col], 8);
+    r = _mm256_add_epi32(r, _mm256_madd_epi16(sc_even, _mm256_set1_epi32(even)));
+    r = _mm256_add_epi32(r, _mm256_madd_epi16(sc_odd, _mm256_set1_epi32(odd)));
+  }
+  return r;
+}
+
+template <int C>
+static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       const int32_t*, float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q6_K);
+  constexpr size_t kQl = 2 * kPanelRows, kQh = kQl + 32 * 32, kSc = kQh + 16 * 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    prefetch_ahead<kBlock>(pb);
+    const block_q8_K* ab[C];
+    __m256i isum[C];
+    for (int c = 0; c < C; c++) {
+      ab[c] = reinterpret_cast<const block_q8_K*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
+    }
+    __m256i sc[4];
+    for (int col = 0; col < 4; col++)
+      sc[col] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kSc + 32 * col));
+    for (int s = 0; s < 16; s++) {  // sub-block s = 8h + 2g + half: columns 4 half .. 4 half + 3
+      const int h = s / 8, g = (s % 8) / 2, half = s % 2;
+      __m256i sub[C];
+      for (int c = 0; c < C; c++) sub[c] = _mm256_setzero_si256();
+      for (int i = 4 * half; i < 4 * half + 4; i++) {
+        const __m256i ql = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(pb + kQl + 32 * (16 * h + 8 * (g & 1) + i)));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kQh + 32 * (8 * h + i)));
+        const __m256i lo = g < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
+        const __m256i hb = g == 0   ? _mm256_slli_epi16(qh, 4)
+                           : g == 1 ? _mm256_slli_epi16(qh, 2)
+                           : g == 2 ? qh
+                                    : _mm256_srli_epi16(qh, 2);
+        const __m256i q = _mm256_or_si256(lo, _mm256_and_si256(hb, top2));
+        for (int c = 0; c < C; c++) {
+          const __m256i a = bcast4(ab[c]->qs + 128 * h + 32 * g + 4 * i);
+          sub[c] = _mm256_add_epi32(sub[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones));
+        }
+      }
+      const __m256i scs = _mm256_srai_epi32(_mm256_slli_epi32(sc[s / 4], 24 - 8 * (s % 4)), 24);
+      for (int c = 0; c < C; c++) {
+        isum[c] = _mm256_add_epi32(isum[c], _mm256_mullo_epi32(sub[c], scs));
+        keep_in_register(isum[c]);
+      }
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    for (int c = 0; c < C; c++) {
+      const __m256i offset = _mm256_slli_epi32(q6_scale_bsum(sc, *ab[c]), 5);  // 32 sum sc bsum
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ab[c]->d)),
+                               _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[c], offset)), acc[c]);
+    }
+  }
+  store_panel<C>(acc, out, out_stride, nr);
+}
+
+// Panels outer, tokens inner in groups of kMaxTokK; QK_K weights per block.
+template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
+static void gemm_panel8_k(int64_t n, const void* w, size_t w_stride, int64_t n_rows,
+                          const void* act, size_t act_stride, const int32_t*, int64_t n_tok,
+                          float* out, int64_t out_stride) {
+  static const PanelFn fns[kMaxTokK] = {P1, P2, P3, P4};
+  gemm_panels(fns, n / QK_K, static_cast<const uint8_t*>(w), w_stride, n_rows,
+              static_cast<const uint8_t*>(act), act_stride, nullptr, n_tok, out, out_stride);
+}
+
+// The types this table keeps in panels of 8 rows; the rest keep GGML rows.
+static bool panel8_applies(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q4_0: case GgmlType::Q4_1: case GgmlType::Q8_0:
+    case GgmlType::Q4_K: case GgmlType::Q6_K:
+      return true;
+    default:  // every other type: GGML rows
+      return false;
+  }
+}
+
 // --- K-quants (Q4_K, Q6_K: the Q4_K_M mix) with Q8_K activations ---
 
 // Q8_K activations, byte for byte the reference quantizer (ggml_quants.cpp): the signed value
@@ -784,6 +972,10 @@ static KernelTable make_table() {
       gemm_panel8<panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>, panel_q4<4, true>>;
   types[int(GgmlType::Q8_0)].gemm =
       gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
+  types[int(GgmlType::Q4_K)].gemm =
+      gemm_panel8_k<panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>>;
+  types[int(GgmlType::Q6_K)].gemm =
+      gemm_panel8_k<panel_q6_K<1>, panel_q6_K<2>, panel_q6_K<3>, panel_q6_K<4>>;
   types[int(GgmlType::F16)].gemm = gemm_float<true>;
   types[int(GgmlType::F32)].gemm = gemm_float<false>;
   t.packed_bytes = panels_packed_bytes<kPanelRows, panel8_applies>;

@@ -121,7 +121,5 @@ inline void panels_unpack_row(GgmlType t, const void* packed, int64_t cols, int6
              : ggml_unpack_row(t, packed, cols, row, dst);
 }
 
-// The AVX2 table's choice: the types whose traits say panel8 (Q4_0, Q4_1, Q8_0).
-inline bool panel8_applies(GgmlType t) { return type_traits(t).panel8; }
 
 }  // namespace alpaca

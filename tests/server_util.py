@@ -40,9 +40,11 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(llama: Llama, **settings: object) -> Iterator[RunningServer]:
+def running_server(llama: Llama, scheduler: Scheduler | None = None,
+                   **settings: object) -> Iterator[RunningServer]:
+    """`scheduler`: one of the tests' own over `llama` (default: the server's)."""
     settings.setdefault("model_id", "tiny")
-    app = create_app(llama, ServerSettings(**settings))  # type: ignore[arg-type]
+    app = create_app(llama, ServerSettings(**settings), scheduler)  # type: ignore[arg-type]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

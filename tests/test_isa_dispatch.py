@@ -83,7 +83,7 @@ def test_no_avx512_table_on_a_cpu_without_it() -> None:
     # The venv's own interpreter path (not the resolved binary), so its site-packages are used.
     python = str(Path(sys.prefix) / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k != "ALPACA_CPU_ISA"}
-    run = subprocess.run([qemu, "-cpu", ZEN3, python, "-c", PROBE], capture_output=True,
+    run = subprocess.run([qemu, "-cpu", ZEN3, python, "-c", PROBE], capture_output=True, check=False,
                          text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
                    help="tokens the penalty looks back on; 0 = off, -1 = the whole context")
     g.add_argument("-s", "--seed", type=int, default=d.seed, help="random seed; -1 = random")
+    g = p.add_argument_group("structured output (every answer is valid; see README)")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="answer with a JSON object")
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="answer with JSON valid under the JSON Schema in FILE")
+    shape.add_argument("--grammar-file", metavar="FILE",
+                       help="answer in the GBNF grammar of FILE (llama.cpp's syntax)")
     g = p.add_argument_group("output")
     g.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="colour the prompt and notes (default: on when stdout is a terminal)")
@@ -116,6 +123,34 @@ def _version() -> str:
 
 def _settings_from_args(args: argparse.Namespace) -> SamplingSettings:
     return SamplingSettings(**{f.name: getattr(args, f.name) for f in fields(SamplingSettings)})
+
+
+def constraint_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """create_chat_completion arguments for --json / --json-schema / --grammar-file, checked
+    now (before the model loads): a bad file is a UserError naming it."""
+    from ..structured import Grammar, GrammarError
+
+    try:
+        if args.json:
+            return {"response_format": {"type": "json_object"}}
+        if args.json_schema:
+            grammar = Grammar.from_json_schema(_read_text(args.json_schema))
+            return {"grammar": grammar}
+        if args.grammar_file:
+            return {"grammar": Grammar.from_file(Path(args.grammar_file).expanduser())}
+    except GrammarError as e:
+        where = args.json_schema or args.grammar_file
+        raise UserError(str(e) if str(e).startswith(str(where)) else f"{where}: {e}") from None
+    return {}
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -172,10 +207,11 @@ def load_model(args: argparse.Namespace, path: Path, chat_format: str | None) ->
 
 
 def run_once(llm: Llama, conv: Conversation, settings: SamplingSettings, question: str,
-             style: Style, verbose: bool) -> int:
+             style: Style, verbose: bool, constraint: dict[str, Any] | None = None) -> int:
     """One-shot mode: only the answer goes to stdout."""
     conv.add("user", question)
-    answer = stream_answer(llm, conv.messages(), settings.completion_kwargs(0), sys.stdout)
+    answer = stream_answer(llm, conv.messages(),
+                           {**settings.completion_kwargs(0), **(constraint or {})}, sys.stdout)
     if not answer.text.endswith("\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()
@@ -183,6 +219,9 @@ def run_once(llm: Llama, conv: Conversation, settings: SamplingSettings, questio
         return 130
     if answer.finish == "length" and settings.n_predict < 0:
         note(style, f"[{PROG}: the answer stopped because the context is full; see -c]")
+    if answer.finish == "length" and constraint:
+        note(style, f"[{PROG}: the answer stopped before the end of the document (see -n, -c): "
+                    "it is only the start of a valid one]")
     if verbose:
         note(style, speed_report(llm, answer))
     return 0
@@ -233,13 +272,15 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None:
         check_unicode(args.system, "the --system text")
     question = _read_question(args)
+    constraint = constraint_kwargs(args)
     chat_format = "alpaca" if args.instruct else args.chat_format
     path = resolve_model(args)
     llm = load_model(args, path, chat_format)
     conv = Conversation(system=args.system)
     if question is not None:
-        return run_once(llm, conv, settings, question, style, args.verbose)
+        return run_once(llm, conv, settings, question, style, args.verbose, constraint)
     session = ChatSession(llm, conv, settings, style, args.verbose)
+    session.constraint = constraint
     return run_interactive(session, _banner(llm, path, chat_format))
 
 

@@ -133,6 +133,7 @@ class ChatSession:
         self.verbose = verbose
         self.n_answers = 0  # answer k is sampled with seed + k when a seed is set
         self.told_trimming = False
+        self.constraint: dict[str, Any] = {}  # --json / --json-schema / --grammar-file
 
     def note(self, text: str, error: bool = False) -> None:
         note(self.style, text, error)
@@ -173,7 +174,8 @@ class ChatSession:
                       "tokens: from now on its oldest turns are dropped (the system prompt "
                       "stays)]")
         answer = stream_answer(self.llm, self.conv.messages(),
-                               self.settings.completion_kwargs(self.n_answers), sys.stdout)
+                               {**self.settings.completion_kwargs(self.n_answers),
+                                **self.constraint}, sys.stdout)
         self.n_answers += 1
         if answer.text and not answer.text.endswith("\n"):
             sys.stdout.write("\n")

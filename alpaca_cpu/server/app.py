@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..llama import GenerationStep, Llama, TokenLogprob, _openai_logprobs
 from ..sampling import SamplingParams
 from . import protocol as p
+from . import webui
 from .scheduler import (
     Embedded,
     EmbeddingRequest,
@@ -61,6 +62,7 @@ class ServerSettings:
     # streams wait while a long prompt is prefilled, and on a short request's first token
     n_batch: int = 256
     retry_after_s: int = 1
+    webui: bool = True  # the chat page at / (alpaca-server --no-webui: off)
 
 
 # ---- edge: body limit, access log, request counts (pure ASGI, so streams stay unbuffered) --
@@ -249,6 +251,9 @@ def create_app(llama: Llama, settings: ServerSettings,
         if model != settings.model_id:
             raise p.OpenAIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{settings.model_id!r}", param="model", code="model_not_found")
+
+    if settings.webui:
+        webui.mount(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:

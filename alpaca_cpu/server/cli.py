@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=_int_at_least(1), default=1 << 20, metavar="N",
                    help="largest request body (413 beyond)")
+    p.add_argument("--no-webui", dest="webui", action="store_false",
+                   help="do not serve the chat page at / (the API only)")
     p.add_argument("--verbose", action="store_true", help="log more (uvicorn's own log too)")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     return p
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_id=args.alias or Path(path).name.removesuffix(".gguf"),
                               api_key=args.api_key or None, max_queue=args.max_queue,
                               max_tokens_limit=args.max_tokens_limit,
-                              max_body_bytes=args.max_body_bytes, n_batch=args.batch_size)
+                              max_body_bytes=args.max_body_bytes, n_batch=args.batch_size,
+                              webui=args.webui)
     app = create_app(llama, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                             log_level="info" if args.verbose else "warning",
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     print(f"{PROG}: serving {settings.model_id} on http://{args.host}:{args.port} "
           f"({args.parallel} slots of {n_ctx} tokens, {llama.model.n_threads} threads, "
-          f"{llama.model.isa}){'; API key required' if settings.api_key else ''}",
+          f"{llama.model.isa}){'; API key required' if settings.api_key else ''}"
+          f"{'' if args.webui else '; no chat page (--no-webui)'}",
           file=sys.stderr, flush=True)
     # uvicorn handles SIGINT / SIGTERM while it runs (stop accepting, drain, shut down) and
     # raises them again afterwards for the handlers it found: these, so the exit status is 0.

@@ -1,8 +1,10 @@
 """Constrained decoding on SmolLM2: JSON Schema, JSON mode, GBNF, tool calls, and bad input.
 
 Validity is checked by independent parsers: `jsonschema` for JSON, small parsers written here for
-the GBNF grammars. The full-size run (200 generations over 40 schemas, and the unconstrained
-failure rate for contrast) is marked slow.
+the GBNF grammars. The validity run (one generation per schema, 40 in all, and the unconstrained
+failure rate for contrast) is marked slow. With 200 generations (5 per schema; measured once on
+2026-12-07 before it was cut to fit the suite's 3 minutes) 191 finished with "stop", all valid,
+and 40 of 40 unconstrained outputs were invalid.
 """
 
 from __future__ import annotations
@@ -136,12 +138,15 @@ def test_json_schema_outputs_validate(llm: Llama) -> None:
     assert checked >= 2  # most of these short documents finish well inside MAX_TOKENS_DOC
 
 
+N_VALIDITY = 40  # generations, one per schema (5 per schema: 200, see the module docstring)
+
+
 @pytest.mark.slow
-def test_json_schema_validity_200_generations(llm: Llama) -> None:
-    """200 generations at temperature 1.0 over the 40 schemas: every output that finished with
-    "stop" parses and validates; without constraints, the failure rate for contrast."""
+def test_json_schema_validity_every_schema(llm: Llama) -> None:
+    """A generation at temperature 1.0 for each of the 40 schemas: every output that finished
+    with "stop" parses and validates; without constraints, the failure rate for contrast."""
     finished = invalid = 0
-    for k in range(200):
+    for k in range(N_VALIDITY):
         schema = SCHEMAS[k % 40]
         text, finish = _generate(llm, schema, seed=1000 + k)
         if finish == "stop":
@@ -151,10 +156,11 @@ def test_json_schema_validity_200_generations(llm: Llama) -> None:
     for k in range(40):
         text, _ = _generate(llm, SCHEMAS[k], seed=5000 + k, constrained=False)
         free_invalid += not _valid(text, SCHEMAS[k])
-    print(f"constrained: {finished}/200 finished, {invalid} invalid; "
+    print(f"constrained: {finished}/{N_VALIDITY} finished, {invalid} invalid; "
           f"unconstrained: {free_invalid}/40 invalid")
     assert invalid == 0
-    assert finished >= 150  # the rest hit MAX_TOKENS_DOC; too many would mean a broken mask
+    # the rest hit MAX_TOKENS_DOC (9 of 200 in the full-size run); many would mean a broken mask
+    assert finished >= N_VALIDITY * 3 // 4
     assert free_invalid >= 20  # the contrast: SmolLM2 alone mostly fails these schemas
 
 

@@ -139,6 +139,7 @@ def test_json_schema_outputs_validate(llm: Llama) -> None:
 
 
 N_VALIDITY = 40  # generations, one per schema (5 per schema: 200, see the module docstring)
+N_CONTRAST = 10  # unconstrained generations, every 4th schema (all 40 failed in the full run)
 
 
 @pytest.mark.slow
@@ -153,15 +154,15 @@ def test_json_schema_validity_every_schema(llm: Llama) -> None:
             finished += 1
             invalid += not _valid(text, schema)
     free_invalid = 0
-    for k in range(40):
-        text, _ = _generate(llm, SCHEMAS[k], seed=5000 + k, constrained=False)
-        free_invalid += not _valid(text, SCHEMAS[k])
+    for k in range(N_CONTRAST):
+        text, _ = _generate(llm, SCHEMAS[4 * k], seed=5000 + k, constrained=False)
+        free_invalid += not _valid(text, SCHEMAS[4 * k])
     print(f"constrained: {finished}/{N_VALIDITY} finished, {invalid} invalid; "
-          f"unconstrained: {free_invalid}/40 invalid")
+          f"unconstrained: {free_invalid}/{N_CONTRAST} invalid")
     assert invalid == 0
     # the rest hit MAX_TOKENS_DOC (9 of 200 in the full-size run); many would mean a broken mask
     assert finished >= N_VALIDITY * 3 // 4
-    assert free_invalid >= 20  # the contrast: SmolLM2 alone mostly fails these schemas
+    assert free_invalid >= N_CONTRAST // 2  # the contrast: SmolLM2 alone mostly fails these schemas
 
 
 def test_json_object_mode(llm: Llama) -> None:

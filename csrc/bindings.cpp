@@ -155,15 +155,15 @@ static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int6
   std::vector<uint8_t> packed(k->packed_bytes(t, n_rows, cols));
   k->pack(t, w.data(), n_rows, cols, packed.data());
   const size_t act_stride = size_t(act.shape(1) * act.itemsize());
-  std::vector<int32_t> sums;  // what Model::matmuls makes next to the Q8_0 activations
-  if (tk.uses_act_sums) {
-    sums.resize(size_t(n_tok * (cols / QK)));
+  std::vector<ActBlockInfo> info;  // what Model::matmuls makes next to the activations
+  if (tk.uses_act_info) {
+    info.resize(size_t(n_tok * (cols / QK)));
     for (int64_t i = 0; i < n_tok; i++)
-      q8_0_block_sums(reinterpret_cast<const block_q8_0*>(static_cast<const uint8_t*>(act.data()) + i * act_stride),
-                      cols / QK, sums.data() + i * (cols / QK));
+      act_block_info(at, static_cast<const uint8_t*>(act.data()) + i * act_stride, cols / QK,
+                     info.data() + i * (cols / QK));
   }
   tk.gemm(cols, packed.data(), w.shape(1), n_rows, act.data(), act_stride,
-          sums.empty() ? nullptr : sums.data(), n_tok, out.mutable_data(), n_rows);
+          info.empty() ? nullptr : info.data(), n_tok, out.mutable_data(), n_rows);
   return out;
 }
 

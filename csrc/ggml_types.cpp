@@ -183,4 +183,25 @@ std::vector<const TypeTraits*> all_type_traits() {
   return out;
 }
 
+void act_block_info(GgmlType type, const void* blocks, int64_t nb, ActBlockInfo* info) {
+  if (type == GgmlType::Q8_0) {
+    const auto* x = static_cast<const block_q8_0*>(blocks);
+    for (int64_t b = 0; b < nb; b++) {
+      int32_t sum = 0;
+      for (int i = 0; i < QK; i++) sum += x[b].qs[i];
+      info[b].d = fp16_to_fp32(x[b].d);
+      info[b].sum8 = -8 * sum;
+    }
+  } else if (type == GgmlType::Q8_1) {
+    const auto* x = static_cast<const block_q8_1*>(blocks);
+    for (int64_t b = 0; b < nb; b++) {
+      info[b].d = fp16_to_fp32(x[b].d);
+      info[b].s = fp16_to_fp32(x[b].s);
+    }
+  } else {
+    throw std::invalid_argument(std::string("act_block_info: no block info for ") +
+                                type_traits(type).name);
+  }
+}
+
 }  // namespace alpaca

@@ -46,15 +46,6 @@ struct block_q8_0 {          // 32 weights: x = d * q, q in [-127, 127]
 };
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match GGML");
 
-// The sum of each block's 32 ints for nb Q8_0 blocks: with it, a Q4_0 dot product
-// d_w * d_a * sum((q - 8) * a) becomes d_w * d_a * (sum(q * a) - 8 * sum(a)) (see gemm).
-static inline void q8_0_block_sums(const block_q8_0* blocks, int64_t nb, int32_t* sums) {
-  for (int64_t b = 0; b < nb; b++) {
-    int32_t s = 0;
-    for (int i = 0; i < QK; i++) s += blocks[b].qs[i];
-    sums[b] = s;
-  }
-}
 
 struct block_q8_1 {          // activations for Q4_1 weights: x = d * q; s = d * sum(q)
   fp16_t d;
@@ -62,6 +53,22 @@ struct block_q8_1 {          // activations for Q4_1 weights: x = d * q; s = d *
   int8_t qs[QK];
 };
 static_assert(sizeof(block_q8_1) == 36, "block_q8_1 must match GGML");
+
+// What panel kernels read of an activation block besides its ints, made once per matmul (see
+// GemmFn) so that the inner loops convert no fp16 scale and add no offset per block and token:
+// d as float; for a Q8_0 block sum8 = -8 * sum(q), which turns Q4_0's
+// d_w * d_a * sum((q_w - 8) * q_a) into d_w * d_a * (sum(q_w * q_a) + sum8), exact in integers;
+// for a Q8_1 block its s (d * sum(q)) as float.
+struct ActBlockInfo {
+  float d;
+  union {
+    int32_t sum8;
+    float s;
+  };
+};
+static_assert(sizeof(ActBlockInfo) == 8, "two 4-byte fields");
+
+void act_block_info(GgmlType type, const void* blocks, int64_t nb, ActBlockInfo* info);
 
 struct block_q5_0 {          // 32 weights: x = d * (q - 16), q in [0, 31]
   fp16_t d;

@@ -23,11 +23,11 @@ struct RowsView {
 // A matrix product on a tile: out[t * out_stride + r] = dot(w row r, act row t) for r < n_rows,
 // t < n_tok. w is the table's packed matrix (see KernelTable::pack) from a row that is a
 // multiple of kPanelRows, w_stride its GGML row bytes; act is already in the weight type's
-// vec_dot_type (TypeTraits), rows act_stride bytes apart. act_sums: q8_0_block_sums of every
-// act row (n_tok rows of n / 32), made once per matmul by the caller when the type's kernels
-// say uses_act_sums; null otherwise.
+// vec_dot_type (TypeTraits), rows act_stride bytes apart. act_info: act_block_info of every
+// act row (n_tok rows of n / 32 blocks), made once per matmul by the caller when the type's
+// kernels say uses_act_info; null otherwise.
 using GemmFn = void (*)(int64_t n, const void* w, size_t w_stride, int64_t n_rows, const void* act,
-                        size_t act_stride, const int32_t* act_sums, int64_t n_tok, float* out,
+                        size_t act_stride, const ActBlockInfo* act_info, int64_t n_tok, float* out,
                         int64_t out_stride);
 // Dot product of one weight row with one activation row (its vec_dot_type) of n elements.
 using DotFn = float (*)(int64_t n, const void* w, const void* a);
@@ -39,7 +39,7 @@ struct TypeKernels {
   FromFloatFn from_float;  // float to one row (quantize: the activation formats' hot path)
   DotFn dot;               // weight row . activation row
   GemmFn gemm;             // a tile of weight rows x tokens (see GemmFn)
-  bool uses_act_sums;      // gemm reads act_sums (see GemmFn)
+  bool uses_act_info;      // gemm reads act_info (see GemmFn)
 };
 
 // Which of a TypeKernels' entries a caller needs, for KernelTable::of's error message.

@@ -300,11 +300,12 @@ static inline void store_panel(const __m256* acc, float* out, int64_t out_stride
 // Q4 weights (unsigned nibbles q) against 8-bit activations a, per block:
 //   Q4_1 (x = d*q + m, Q8_1 activations): d_w*d_a*sum(q*a) + m_w*s_a
 //   Q4_0 (x = d*(q-8), Q8_0 activations): d_w*d_a*(sum(q*a) - 8*sum(a)), the correction exact
-//        in integers from `sums` (sum(a) per token and block, nb apart: gemm's act_sums).
+//        in integers.
+// d_a, s_a and -8*sum(a) come from `info` (gemm's act_info: per token and block, nb apart).
 // int16 lanes hold 16 products of q <= 15 and |a| <= 128 each: at most 30720.
 template <int C, bool kQ4_1>
 static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                     const int32_t* sums, float* out, int64_t out_stride, int nr) {
+                     const ActBlockInfo* info, float* out, int64_t out_stride, int nr) {
   using ActBlock = std::conditional_t<kQ4_1, block_q8_1, block_q8_0>;
   constexpr size_t kBlock = kPanelRows * (kQ4_1 ? sizeof(block_q4_1) : sizeof(block_q4_0));
   constexpr size_t kScales = kPanelRows * (kQ4_1 ? 4 : 2);
@@ -333,18 +334,17 @@ static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t ac
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
     for (int c = 0; c < C; c++) {
       __m256i dot = _mm256_madd_epi16(isum[c], ones);
-      if constexpr (!kQ4_1) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * sums[c * nb + b]));
+      const ActBlockInfo& ai = info[c * nb + b];
+      if constexpr (!kQ4_1) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(ai.sum8));
       // The same operations in the same order for any C: a token's result does not depend on
       // how many tokens share the pass (prefill equals token-by-token decode).
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))),
-                               _mm256_cvtepi32_ps(dot), acc[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ai.d)), _mm256_cvtepi32_ps(dot),
+                               acc[c]);
     }
     if constexpr (kQ4_1) {
       const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 16)));
-      for (int c = 0; c < C; c++) {
-        const auto* a1 = reinterpret_cast<const block_q8_1*>(ab[c]);
-        accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(fp16_scalar(a1->s)), accm[c]);
-      }
+      for (int c = 0; c < C; c++)
+        accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[c * nb + b].s), accm[c]);
     }
   }
   if constexpr (kQ4_1)
@@ -356,7 +356,7 @@ static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t ac
 // meets a with w's sign moved onto it; products (up to 127*128) are widened every pair.
 template <int C>
 static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                       const int32_t*, float* out, int64_t out_stride, int nr) {
+                       const ActBlockInfo* info, float* out, int64_t out_stride, int nr) {
   constexpr size_t kBlock = kPanelRows * sizeof(block_q8_0);
   __m256 acc[C];
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
@@ -378,27 +378,27 @@ static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
     for (int c = 0; c < C; c++) {
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16_scalar(ab[c]->d))),
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(info[c * nb + b].d)),
                                _mm256_cvtepi32_ps(isum[c]), acc[c]);
     }
   }
   store_panel<C>(acc, out, out_stride, nr);
 }
 
-using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, const int32_t*, float*,
+using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, const ActBlockInfo*, float*,
                          int64_t, int);
 
 // Panels outer (a panel's weights stay in cache), tokens inner in groups of 4 (each unpacked
-// weight vector serves 4 tokens), then the 1-3 left. sums: (n_tok, nb) or null.
+// weight vector serves 4 tokens), then the 1-3 left. info: (n_tok, nb) or null.
 static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size_t w_stride,
                         int64_t n_rows, const uint8_t* act, size_t act_stride,
-                        const int32_t* sums, int64_t n_tok, float* out, int64_t out_stride) {
+                        const ActBlockInfo* info, int64_t n_tok, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < n_rows; r += kPanelRows) {
     const int nr = int(std::min<int64_t>(kPanelRows, n_rows - r));
     const uint8_t* wp = w + size_t(r) * w_stride;
     for (int64_t t = 0; t < n_tok; t += 4) {
       const int nt = int(std::min<int64_t>(4, n_tok - t));
-      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, sums ? sums + t * nb : nullptr,
+      fns[nt - 1](nb, wp, act + t * act_stride, act_stride, info ? info + t * nb : nullptr,
                   out + t * out_stride + r, out_stride, nr);
     }
   }
@@ -444,7 +444,7 @@ using FloatTileFn = void (*)(int64_t, const uint8_t*, size_t, const uint8_t*, si
 
 template <bool kF16>
 static void gemm_float(int64_t n, const void* wv, size_t w_stride, int64_t n_rows,
-                       const void* actv, size_t act_stride, const int32_t*, int64_t n_tok,
+                       const void* actv, size_t act_stride, const ActBlockInfo*, int64_t n_tok,
                        float* out, int64_t out_stride) {
   const auto* w = static_cast<const uint8_t*>(wv);
   const auto* act = static_cast<const uint8_t*>(actv);
@@ -518,14 +518,14 @@ static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_str
 }
 
 // The Panel8 gemm of a block type from its panel kernel for 1-4 tokens per pass (see
-// gemm_panels); kernels that do not read act_sums ignore it.
+// gemm_panels); kernels that do not read act_info ignore it.
 template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
 static void gemm_panel8(int64_t n, const void* w, size_t w_stride, int64_t n_rows, const void* act,
-                        size_t act_stride, const int32_t* act_sums, int64_t n_tok, float* out,
+                        size_t act_stride, const ActBlockInfo* act_info, int64_t n_tok, float* out,
                         int64_t out_stride) {
   static const PanelFn fns[4] = {P1, P2, P3, P4};
   gemm_panels(fns, n / QK, static_cast<const uint8_t*>(w), w_stride, n_rows,
-              static_cast<const uint8_t*>(act), act_stride, act_sums, n_tok, out, out_stride);
+              static_cast<const uint8_t*>(act), act_stride, act_info, n_tok, out, out_stride);
 }
 
 // ---- Q4_K and Q6_K in panels of 8 rows, with Q8_K activations ----
@@ -580,7 +580,7 @@ static inline __m256i k4_min_sum(const K4Scales& s, const block_q8_K& a) {
 // (< 64) multiplies them in the madd that widens them.
 template <int C>
 static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                       const int32_t*, float* out, int64_t out_stride, int nr) {
+                       const ActBlockInfo*, float* out, int64_t out_stride, int nr) {
   constexpr size_t kBlock = kPanelRows * sizeof(block_q4_K);
   constexpr size_t kQs = 4 * kPanelRows + 3 * 32;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
@@ -642,7 +642,7 @@ static inline __m256i q6_scale_bsum(const __m256i sc[4], const block_q8_K& a) {
 
 template <int C>
 static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                       const int32_t*, float* out, int64_t out_stride, int nr) {
+                       const ActBlockInfo*, float* out, int64_t out_stride, int nr) {
   constexpr size_t kBlock = kPanelRows * sizeof(block_q6_K);
   constexpr size_t kQl = 2 * kPanelRows, kQh = kQl + 32 * 32, kSc = kQh + 16 * 32;
   const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
@@ -698,7 +698,7 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
 // Panels outer, tokens inner in groups of kMaxTokK; QK_K weights per block.
 template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
 static void gemm_panel8_k(int64_t n, const void* w, size_t w_stride, int64_t n_rows,
-                          const void* act, size_t act_stride, const int32_t*, int64_t n_tok,
+                          const void* act, size_t act_stride, const ActBlockInfo*, int64_t n_tok,
                           float* out, int64_t out_stride) {
   static const PanelFn fns[kMaxTokK] = {P1, P2, P3, P4};
   gemm_panels(fns, n / QK_K, static_cast<const uint8_t*>(w), w_stride, n_rows,
@@ -927,7 +927,7 @@ static float dot_block32(int64_t n, const typename B::W* w, const typename B::A*
 // Rows outer, tokens 4 at a time inner: each weight block is expanded once per 4 tokens.
 template <typename B>
 static void gemm_block32(int64_t n, const void* wv, size_t w_stride, int64_t n_rows,
-                         const void* actv, size_t act_stride, const int32_t*, int64_t n_tok,
+                         const void* actv, size_t act_stride, const ActBlockInfo*, int64_t n_tok,
                          float* out, int64_t out_stride) {
   using RowFn = void (*)(int64_t, const typename B::W*, const uint8_t*, size_t, float*, int64_t);
   static const RowFn fns[4] = {row_tokens<B, 1>, row_tokens<B, 2>, row_tokens<B, 3>, row_tokens<B, 4>};
@@ -947,7 +947,7 @@ static void set_block32(KernelTable& t, GgmlType type) {
   TypeKernels& k = t.types[int(type)];
   k.dot = erased_dot<typename B::W, typename B::A, dot_block32<B>>;
   k.gemm = gemm_block32<B>;
-  k.uses_act_sums = false;
+  k.uses_act_info = false;
 }
 
 static KernelTable make_table() {
@@ -967,11 +967,11 @@ static KernelTable make_table() {
   set_block32<Iq4nlBlock>(t, GgmlType::IQ4_NL);
   types[int(GgmlType::Q4_0)].gemm =
       gemm_panel8<panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>, panel_q4<4, false>>;
-  types[int(GgmlType::Q4_0)].uses_act_sums = true;
   types[int(GgmlType::Q4_1)].gemm =
       gemm_panel8<panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>, panel_q4<4, true>>;
   types[int(GgmlType::Q8_0)].gemm =
       gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
+  for (GgmlType p : {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0}) types[int(p)].uses_act_info = true;
   types[int(GgmlType::Q4_K)].gemm =
       gemm_panel8_k<panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>>;
   types[int(GgmlType::Q6_K)].gemm =

@@ -22,6 +22,7 @@ static inline __m512i acc_u8i8(__m512i acc, __m512i u, __m512i s) {
 static inline __m512i finish_u8i8(__m512i acc) {
   return _mm512_madd_epi16(acc, _mm512_set1_epi16(1));
 }
+constexpr bool kU8i8Int32 = false;  // int16 lanes until finish_u8i8
 // u <= 127 into int32 lanes: maddubs pair sums (<= 2 * 127 * 128) fit int16, widened at once.
 static inline __m512i acc_u7i8(__m512i acc, __m512i u, __m512i s) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));

@@ -19,6 +19,7 @@ static inline __m512i acc_u8i8(__m512i acc, __m512i u, __m512i s) {
   return _mm512_dpbusd_epi32(acc, u, s);
 }
 static inline __m512i finish_u8i8(__m512i acc) { return acc; }
+constexpr bool kU8i8Int32 = true;
 static inline __m512i acc_u7i8(__m512i acc, __m512i u, __m512i s) {
   return _mm512_dpbusd_epi32(acc, u, s);
 }

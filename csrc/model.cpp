@@ -218,7 +218,9 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
     for (const Matrix* m : {&L.attn_q, &L.attn_k, &L.attn_v, &L.attn_output, &L.ffn_gate,
                             &L.ffn_up, &L.ffn_down})
       need_act(*m);
-  act_sums_.resize(size_t(B * (widest / QK)));
+  act_info_.resize(kGgmlTypeSlots);
+  for (GgmlType at : {GgmlType::Q8_0, GgmlType::Q8_1})
+    if (act_[int(at)].size() > 0) act_info_[int(at)].resize(size_t(B * (widest / QK)));
   const int64_t max_q = tokens_per_attention_task(hp.n_heads / hp.n_kv_heads) * (hp.n_heads / hp.n_kv_heads);
   scores_.resize(size_t(pool_.size()) * max_q * n_ctx);
   attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
@@ -250,23 +252,23 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
   // each made once for all jobs; F32 is x itself.
   GgmlType formats[kGgmlTypeSlots];  // distinct type ids
   int n_formats = 0;
-  bool need_sums = false;
+  bool need_info[kGgmlTypeSlots] = {};
   for (const auto& j : jobs) {
     const GgmlType at = type_traits(j.w->type).vec_dot_type;
-    need_sums |= j.w->kernels->uses_act_sums;
+    need_info[int(at)] |= j.w->kernels->uses_act_info;
     if (at != GgmlType::F32 && std::find(formats, formats + n_formats, at) == formats + n_formats)
       formats[n_formats++] = at;
   }
   const int64_t nb = cols / QK;
-  // Quantize the activations once per format, one token per task (with the Q8_0 block sums
-  // the kernels that use them read).
+  // Quantize the activations once per format, one token per task (with the block info the
+  // kernels that use it read).
   if (n_formats > 0) {
     pool_.parallel_for(n_tok, [&](int64_t t, int) {
       for (int f = 0; f < n_formats; f++) {
         uint8_t* dst = act_[int(formats[f])].data() + size_t(t) * row_bytes(formats[f], cols);
         k_->types[int(formats[f])].from_float(x + t * x_stride, dst, cols);  // checked at load
-        if (need_sums && formats[f] == GgmlType::Q8_0)
-          q8_0_block_sums(reinterpret_cast<const block_q8_0*>(dst), nb, act_sums_.data() + t * nb);
+        if (need_info[int(formats[f])])
+          act_block_info(formats[f], dst, nb, act_info_[int(formats[f])].data() + t * nb);
       }
     });
   }
@@ -293,7 +295,8 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
     const void* act = at == GgmlType::F32 ? static_cast<const void*>(x) : act_[int(at)].data();
     const size_t act_stride = at == GgmlType::F32 ? size_t(x_stride) * 4 : row_bytes(at, cols);
     w.kernels->gemm(w.cols, w.data.data() + size_t(r0) * w.stride, w.stride, nr, act, act_stride,
-                    act_sums_.data(), n_tok, j.out + r0, j.out_stride);
+                    w.kernels->uses_act_info ? act_info_[int(at)].data() : nullptr, n_tok,
+                    j.out + r0, j.out_stride);
   });
 }
 

@@ -239,7 +239,8 @@ class Model {
   // (batch, max(dim, ffn_dim, q_dim)) in that type; empty for the types no weight uses and
   // for F32 (the float activations themselves).
   std::vector<Buffer> act_;
-  std::vector<int32_t> act_sums_;  // (batch, blocks) q8_0_block_sums of act_[Q8_0]
+  // (batch, blocks) act_block_info of act_[type], for the block types with such info (Q8_0, Q8_1)
+  std::vector<std::vector<ActBlockInfo>> act_info_;
   struct Chunk {  // a slice of rows of one matmul job: the unit of work of matmuls()
     const MatmulJob* job;
     int64_t r0, n_rows;

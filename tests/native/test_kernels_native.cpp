@@ -132,15 +132,15 @@ struct Rows {
   const uint8_t* row(int64_t r) const { return bytes.data() + size_t(r) * stride; }
 };
 
-// gemm's act_sums for activation rows a (what Model::matmuls makes next to Q8_0 activations).
-std::vector<int32_t> sums_of(const Rows& a) {
-  std::vector<int32_t> sums;
-  if (a.type != GgmlType::Q8_0) return sums;
+// gemm's act_info for activation rows a (what Model::matmuls makes next to Q8_0 and Q8_1
+// activations; the kernels that do not read it get it all the same).
+std::vector<ActBlockInfo> info_of(const Rows& a) {
+  std::vector<ActBlockInfo> info;
+  if (a.type != GgmlType::Q8_0 && a.type != GgmlType::Q8_1) return info;
   const int64_t nb = a.n / QK;
-  sums.resize(size_t(a.rows * nb));
-  for (int64_t r = 0; r < a.rows; r++)
-    q8_0_block_sums(reinterpret_cast<const block_q8_0*>(a.row(r)), nb, sums.data() + r * nb);
-  return sums;
+  info.resize(size_t(a.rows * nb));
+  for (int64_t r = 0; r < a.rows; r++) act_block_info(a.type, a.row(r), nb, info.data() + r * nb);
+  return info;
 }
 
 // w's rows in table t's weight layout, as the model packs them at load (gemm reads these,
@@ -524,7 +524,7 @@ void test_exact(const KernelTable& t) {
       if (double(got) != want) err = fmt("dot: want %.1f, got %.9g", want, got);
       std::vector<float> out(3 * 5);
       t.of(wt, Need::Gemm).gemm(n, packed_for(t, w).data(), row_bytes(wt, n), 5, a.bytes.data(), a.stride,
-             sums_of(a).data(), 3, out.data(), 5);
+             info_of(a).data(), 3, out.data(), 5);
       for (int64_t tok = 0; tok < 3 && err.empty(); tok++) {
         for (int64_t r = 0; r < 5 && err.empty(); r++) {
           const double e = exact_dot(w, r, a, tok);
@@ -554,10 +554,10 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
       const float sentinel = from_bits(0x7fc0dead);
       std::vector<float> os(size_t(sh.n_tok * out_stride), sentinel), ot = os;
       const size_t rb = row_bytes(wt, sh.n);
-      const std::vector<int32_t> sums = sums_of(a);
-      s.of(wt, Need::Gemm).gemm(sh.n, packed_for(s, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sums.data(), sh.n_tok,
+      const std::vector<ActBlockInfo> info = info_of(a);
+      s.of(wt, Need::Gemm).gemm(sh.n, packed_for(s, w).data(), rb, sh.rows, a.bytes.data(), a.stride, info.data(), sh.n_tok,
              os.data(), out_stride);
-      t.of(wt, Need::Gemm).gemm(sh.n, packed_for(t, w).data(), rb, sh.rows, a.bytes.data(), a.stride, sums.data(), sh.n_tok,
+      t.of(wt, Need::Gemm).gemm(sh.n, packed_for(t, w).data(), rb, sh.rows, a.bytes.data(), a.stride, info.data(), sh.n_tok,
              ot.data(), out_stride);
       std::string err;
       for (int64_t tok = 0; tok < sh.n_tok && err.empty(); tok++) {

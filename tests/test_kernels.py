@@ -170,15 +170,25 @@ def test_axpy_f16(isa: str) -> None:
 
 
 @pytest.mark.parametrize("wtype", [T.F32, T.F16], ids=lambda t: t.name)
-@pytest.mark.parametrize("cols", [1, 7, 24, 40, 100])
-def test_float_gemm_rows_of_any_length(wtype: T, cols: int, isa: str) -> None:
+@pytest.mark.parametrize("cols", [1, 7, 24, 40, 100, 256, 300])
+@pytest.mark.parametrize("rows_tok", [(6, 5), (37, 11)], ids=str)
+def test_float_gemm_rows_of_any_length(wtype: T, cols: int, rows_tok: tuple[int, int],
+                                       isa: str) -> None:
     # attention scores (F16 keys x F32 queries) have head-size rows: lengths that are not a
-    # multiple of any vector width take each ISA's tail path
-    w, act = _operands(wtype, 6, 5, cols, seed=cols)
+    # multiple of any vector width take each ISA's tail path; row counts past one 16-row
+    # group and token counts past one 8-token pass take the AVX-512 short-row path's tails
+    # (rows up to 256; 300 takes the row tiles)
+    rows, n_tok = rows_tok
+    w, act = _operands(wtype, rows, n_tok, cols, seed=cols + rows)
     expected = q.gemm(wtype, w, q.quantize(act, T.F32), cols)
     scale = np.abs(expected).max() + 1e-30
     got = _core.gemm(int(wtype), w, act, cols, isa)
     assert np.abs(got - expected).max() <= GEMM_RTOL * scale
+    # a token's result does not depend on the others in the call (prefill equals decode, and
+    # a server's sequences do not change each other's output): bit for bit
+    for t in (0, n_tok - 1):
+        alone = _core.gemm(int(wtype), w, np.ascontiguousarray(act[t : t + 1]), cols, isa)
+        assert np.array_equal(alone[0], got[t])
 
 
 @pytest.mark.parametrize("n", [8, 13, 64, 80, 128])

@@ -707,7 +707,8 @@ class Llama:
         done = self._collect(steps, len(tokens))
         message: dict[str, Any] = {"role": "assistant", "content": done.text}
         finish = done.finish_reason
-        calls = plan.parse(done.text) if plan is not None and finish == "stop" else None
+        calls = (plan.parse(done.text) if plan is not None and plan.mode != "none"
+                 and finish == "stop" else None)
         if calls:
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
                 "tool_calls"

@@ -17,6 +17,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,25 +171,44 @@ def tools_grammar(tools: list[dict[str, Any]], mode: str, syntax: CallSyntax) ->
     return Grammar.from_lark(start + "\n" + "\n".join(rules))
 
 
+@contextmanager
+def _blame(param: str) -> Iterator[None]:
+    """A ValueError raised inside gets `.param`: the request field at fault (a server answers
+    OpenAI's error shape with it); the first field named is kept."""
+    try:
+        yield
+    except ValueError as e:
+        if getattr(e, "param", None) is None:
+            e.param = param  # type: ignore[attr-defined]
+        raise
+
+
 def request_constraint(response_format: Any = None, tools: Any = None, tool_choice: Any = None,
                        template: str | None = None) -> tuple[Grammar | None, ToolPlan | None]:
     """The constraint of an OpenAI chat request (for the server and create_chat_completion):
     the Grammar to generate under (None: free text) and, when tools may be called, the plan
-    that reads the calls back. Raises ValueError (GrammarError) for a bad request."""
+    that reads the calls back. Raises ValueError (GrammarError) for a bad request, with
+    `.param` naming its field ("response_format", "tools" or "tool_choice")."""
     if tools is None:
         if tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice is set but the request has no tools")
-        return response_format_grammar(response_format), None
-    checked = check_tools(tools)
-    allowed, mode = chosen_tools(checked, tool_choice)
+            with _blame("tool_choice"):
+                raise ValueError("tool_choice is set but the request has no tools")
+        with _blame("response_format"):
+            return response_format_grammar(response_format), None
+    with _blame("tools"):
+        checked = check_tools(tools)
+    with _blame("tool_choice"):
+        allowed, mode = chosen_tools(checked, tool_choice)
     syntax = call_syntax(template)
     plan = ToolPlan(checked, mode, syntax)
-    if mode == "none":
-        return response_format_grammar(response_format), plan
-    if response_format is not None and response_format_grammar(response_format) is not None:
-        raise ValueError("response_format and tools cannot both constrain one answer; drop one "
-                         "or set tool_choice to 'none'")
-    return tools_grammar(allowed, mode, syntax), plan
+    with _blame("response_format"):
+        if mode == "none":
+            return response_format_grammar(response_format), plan
+        if response_format is not None and response_format_grammar(response_format) is not None:
+            raise ValueError("response_format and tools cannot both constrain one answer; drop "
+                             "one or set tool_choice to 'none'")
+    with _blame("tools"):
+        return tools_grammar(allowed, mode, syntax), plan
 
 
 # ---- prompts with tools -----------------------------------------------------------------------
@@ -250,36 +270,63 @@ class ToolPlan:
                  "function": {"name": name, "arguments": arguments}}]
 
     def stream(self, deltas: Iterator[str]) -> Iterator[tuple[str | None, dict[str, Any] | None]]:
-        """Text deltas in, (content delta, tool-call delta) pairs out, as OpenAI streams them:
-        the call's id and name once, then its arguments piece by piece (the tail after the
-        arguments is held back). Plain text answers pass through as content."""
-        buf, head_len, call_started = "", 0, False
-        tail = self.syntax.tail()
-        sent = 0
+        """Text deltas in, (content delta, tool-call delta) pairs out, as OpenAI streams them
+        (see CallStream; this is its pull-driven form)."""
+        pieces = CallStream(self.syntax)
         for delta in deltas:
-            buf += delta
-            if not call_started:
-                if _may_start_call(buf, self.syntax):
-                    m = _head_match(buf, self.syntax)
-                    if m is None:
-                        continue
-                    call_started, head_len = True, m.end()
-                    yield None, {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}",
-                                 "type": "function",
-                                 "function": {"name": json.loads(m.group(1)), "arguments": ""}}
-                    sent = head_len
-                else:
-                    yield buf, None  # the answer is text: the rest passes straight through
-                    yield from ((d, None) for d in deltas)
-                    return
-            limit = len(buf) - len(tail)
-            if limit > sent:
-                yield None, {"index": 0, "function": {"arguments": buf[sent:limit]}}
-                sent = limit
-        if not call_started and buf:
-            yield buf, None
-        elif call_started and not buf.endswith(tail) and len(buf) > sent:  # cut short (length)
-            yield None, {"index": 0, "function": {"arguments": buf[sent:]}}
+            yield from pieces.feed(delta)
+        yield from pieces.close()
+
+
+Piece = tuple[str | None, dict[str, Any] | None]  # (content delta, tool-call delta)
+
+
+@dataclass
+class CallStream:
+    """One streamed answer read as OpenAI streams it, push-driven (a server feeds it a delta per
+    generated token): the call's id and name once, then its arguments piece by piece (the
+    syntax's tail after the arguments is held back); a plain text answer passes through as
+    content once it cannot be the start of a call."""
+
+    syntax: CallSyntax
+    buf: str = ""
+    started: bool = False  # the call's head was seen (id and name sent)
+    text: bool = False  # the answer is plain text
+    sent: int = 0  # characters of buf already sent as arguments
+
+    def feed(self, delta: str) -> list[Piece]:
+        if self.text:
+            return [(delta, None)] if delta else []
+        self.buf += delta
+        out: list[Piece] = []
+        if not self.started:
+            if not _may_start_call(self.buf, self.syntax):
+                self.text = True
+                return [(self.buf, None)]
+            m = _head_match(self.buf, self.syntax)
+            if m is None:
+                return []
+            self.started = True
+            self.sent = m.end()
+            out.append((None, {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}",
+                               "type": "function",
+                               "function": {"name": json.loads(m.group(1)), "arguments": ""}}))
+        limit = len(self.buf) - len(self.syntax.tail())
+        if limit > self.sent:
+            out.append((None, {"index": 0, "function": {"arguments": self.buf[self.sent:limit]}}))
+            self.sent = limit
+        return out
+
+    def close(self) -> list[Piece]:
+        """What is still held back when the answer ends."""
+        if self.text:
+            return []
+        if not self.started:
+            return [(self.buf, None)] if self.buf else []
+        if not self.buf.endswith(self.syntax.tail()) and len(self.buf) > self.sent:
+            # cut short (length): the arguments as far as they got
+            return [(None, {"index": 0, "function": {"arguments": self.buf[self.sent:]}})]
+        return []
 
 
 def _check_calls(calls: Any, i: int) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llama import GenerationStep, Llama, TokenLogprob, _openai_logprobs
 from ..sampling import SamplingParams
+from ..structured import Constraint
+from ..tool_calls import CallStream, Piece, ToolPlan
+from . import constraints, webui
 from . import protocol as p
-from . import webui
 from .scheduler import (
     Embedded,
     EmbeddingRequest,
@@ -45,7 +47,8 @@ from .scheduler import (
 log = logging.getLogger("alpaca_cpu.server")
 access_log = logging.getLogger("alpaca_cpu.server.access")
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool"}
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks its client
 
 
@@ -296,7 +299,8 @@ def create_app(llama: Llama, settings: ServerSettings,
                     raise _ClientGone from None
 
     def generation(body: p._Sampling, prompt: list[int], stops: list[str],
-                   logprobs: int | None, ch: _Channel, max_tokens: int | None) -> GenerationRequest:
+                   logprobs: int | None, ch: _Channel, max_tokens: int | None,
+                   constraint: Constraint | None) -> GenerationRequest:
         if max_tokens is not None and max_tokens > settings.max_tokens_limit:
             raise p.OpenAIError(400, f"max_tokens = {max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens_limit}", param="max_tokens")
@@ -311,15 +315,21 @@ def create_app(llama: Llama, settings: ServerSettings,
             raise p.OpenAIError(400, str(e)) from None
         user_stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return GenerationRequest(prompt, params, body.seed, max_tokens, user_stops + stops,
-                                 logprobs, ch.emit)
+                                 logprobs, ch.emit, constraint)
 
     @app.post("/v1/completions", dependencies=auth, response_model=None)
     async def completions(body: p.CompletionRequest,
                           request: Request) -> JSONResponse | StreamingResponse:
         check_model(body.model)
         prompt = _completion_prompt(llama, body.prompt)
+        # compiled off the event loop (a big schema takes a while), before the request queues
+        constraint = await asyncio.to_thread(
+            lambda: constraints.constraint(llama, constraints.completion_grammar(body),
+                                           "grammar" if body.grammar is not None
+                                           else "json_schema" if body.json_schema is not None
+                                           else "response_format"))
         ch = _Channel()
-        req = generation(body, prompt, [], body.logprobs, ch, body.max_tokens)
+        req = generation(body, prompt, [], body.logprobs, ch, body.max_tokens, constraint)
         echo = ""
         if body.echo:
             echo = (body.prompt if isinstance(body.prompt, str)
@@ -355,18 +365,26 @@ def create_app(llama: Llama, settings: ServerSettings,
     async def chat(body: p.ChatCompletionRequest,
                    request: Request) -> JSONResponse | StreamingResponse:
         check_model(body.model)
-        prompt = _chat_prompt(llama, body.messages)
+        grammar, plan = await asyncio.to_thread(constraints.chat_constraint, llama, body)
+        prompt = _chat_prompt(llama, body.messages, plan)
+        param = ("grammar" if body.grammar is not None
+                 else "tools" if plan is not None and plan.mode != "none" else "response_format")
+        constraint = await asyncio.to_thread(constraints.constraint, llama, grammar, param)
+        calls = plan if plan is not None and plan.mode != "none" else None  # may answer a call
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                       else body.max_tokens)
         ch = _Channel()
-        req = generation(body, prompt, list(llama._chat.stop), top, ch, max_tokens)
+        # under a constraint the grammar ends the answer (end-of-generation tokens), and the
+        # chat format's stop text may be part of a JSON string there (as in the library)
+        stops = [] if constraint is not None else list(llama._chat.stop)
+        req = generation(body, prompt, stops, top, ch, max_tokens, constraint)
         submit(req)
         meta = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion",
                 "created": int(time.time()), "model": settings.model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            shape = _chat_shape(meta, top, len(prompt), include_usage)
+            shape = _chat_shape(meta, top, len(prompt), include_usage, calls)
             return _sse(_event_stream(shape, ch, req, request, next_event), req, sched)
         text, lps, last = [], [], None
         try:
@@ -379,8 +397,14 @@ def create_app(llama: Llama, settings: ServerSettings,
                     last = step
         except _ClientGone:
             return JSONResponse({}, status_code=499)
-        choice = {"index": 0, "finish_reason": last.finish_reason,
-                  "message": {"role": "assistant", "content": "".join(text)},
+        answer = "".join(text)
+        message: dict[str, Any] = {"role": "assistant", "content": answer}
+        finish = last.finish_reason
+        tool_calls = calls.parse(answer) if calls is not None and finish == "stop" else None
+        if tool_calls:
+            message, finish = {"role": "assistant", "content": None,
+                               "tool_calls": tool_calls}, "tool_calls"
+        choice = {"index": 0, "finish_reason": finish, "message": message,
                   "logprobs": {"content": lps} if top is not None else None}
         return JSONResponse({**meta, "choices": [choice],
                              "usage": _usage(len(prompt), last.n_completion)})
@@ -454,8 +478,11 @@ def _completion_prompt(llama: Llama, prompt: str | list[str] | list[int]) -> lis
     return tokens
 
 
-def _chat_prompt(llama: Llama, messages: list[p.ChatMessage]) -> list[int]:
-    plain: list[Mapping[str, str]] = []
+def _chat_prompt(llama: Llama, messages: list[p.ChatMessage],
+                 plan: ToolPlan | None) -> list[int]:
+    """The prompt's tokens; tool calls and results in the history are rendered as the library
+    renders them (ToolPlan.prompt_messages), with the tools for a template that takes them."""
+    plain: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = ROLES.get(m.role)
         if role is None:
@@ -474,9 +501,19 @@ def _chat_prompt(llama: Llama, messages: list[p.ChatMessage]) -> list[int]:
             content = "\n".join(texts)
         else:
             content = m.content or ""
-        plain.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.tool_calls is not None:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        plain.append(message)
+    plan = plan or constraints.history_plan(llama, plain)
     try:
-        return llama.render_chat(plain)
+        if plan is None:
+            return llama.render_chat(plain)
+        use_tools = plan.syntax.name != "generic" and plan.mode != "none"
+        return llama.render_chat(plan.prompt_messages(plain),
+                                 tools=plan.tools if use_tools else None)
     except ValueError as e:
         if "context" in str(e):
             raise p.OpenAIError(400, str(e), param="messages",
@@ -518,12 +555,13 @@ NextEvent = Callable[[_Channel, GenerationRequest, Request], Any]
 
 @dataclass
 class _StreamShape:
-    """How one endpoint's stream looks: its first chunks, a chunk per step (None: nothing to
-    send), the closing chunk with the finish reason; meta of the usage chunk (None: none)."""
+    """How one endpoint's stream looks: its first chunks, the chunks of each step (often one,
+    none when there is nothing to send), the closing chunks (the last with the finish
+    reason); meta of the usage chunk (None: none)."""
 
     head: list[dict[str, Any]]
-    step: Callable[[GenerationStep], dict[str, Any] | None]
-    finish: Callable[[str], dict[str, Any]]
+    step: Callable[[GenerationStep], list[dict[str, Any]]]
+    finish: Callable[[str], list[dict[str, Any]]]
     usage_meta: dict[str, Any] | None
     n_prompt: int
 
@@ -538,11 +576,11 @@ async def _event_stream(shape: _StreamShape, ch: _Channel, req: GenerationReques
             yield _data(p.OpenAIError(500, ev.message, "server_error").body())
             return
         assert isinstance(ev, GenerationStep)
-        chunk = shape.step(ev)
-        if chunk is not None:
+        for chunk in shape.step(ev):
             yield _data(chunk)
         if ev.finish_reason is not None:
-            yield _data(shape.finish(ev.finish_reason))
+            for chunk in shape.finish(ev.finish_reason):
+                yield _data(chunk)
             if shape.usage_meta is not None:
                 yield _data({**shape.usage_meta, "choices": [],
                              "usage": _usage(shape.n_prompt, ev.n_completion)})
@@ -557,36 +595,52 @@ def _completion_shape(meta: dict[str, Any], echo: str, logprobs: int | None, n_p
                                      "finish_reason": finish}]}
     offset = len(echo)
 
-    def step(ev: GenerationStep) -> dict[str, Any] | None:
+    def step(ev: GenerationStep) -> list[dict[str, Any]]:
         nonlocal offset
         if not ev.text and ev.logprobs is None:
-            return None
+            return []
         lp = (_openai_logprobs([(ev.logprobs, offset)])
               if logprobs is not None and ev.logprobs is not None else None)
         offset += len(ev.text)
-        return chunk(ev.text, None, lp)
+        return [chunk(ev.text, None, lp)]
     return _StreamShape([chunk(echo, None)] if echo else [], step,
-                        lambda finish: chunk("", finish), meta if include_usage else None,
+                        lambda finish: [chunk("", finish)], meta if include_usage else None,
                         n_prompt)
 
 
 def _chat_shape(meta: dict[str, Any], top: int | None, n_prompt: int,
-                include_usage: bool) -> _StreamShape:
+                include_usage: bool, plan: ToolPlan | None) -> _StreamShape:
+    """Chat chunks; with `plan` (tools the answer may call) the text goes through CallStream:
+    a call streams as tool_calls deltas (OpenAI's: index, id, type and name first, then
+    argument pieces) and finishes with "tool_calls"."""
     meta = {**meta, "object": "chat.completion.chunk"}
+    calls = CallStream(plan.syntax) if plan is not None else None
 
-    def chunk(delta: dict[str, str], finish: str | None, lp: Any = None) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None, lp: Any = None) -> dict[str, Any]:
         return {**meta, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
                                      "finish_reason": finish}]}
 
-    def step(ev: GenerationStep) -> dict[str, Any] | None:
+    def deltas(pieces: list[Piece]) -> list[dict[str, Any]]:
+        return [{"tool_calls": [call]} if call is not None else {"content": text}
+                for text, call in pieces if call is not None or text]
+
+    def step(ev: GenerationStep) -> list[dict[str, Any]]:
         with_lp = top is not None and ev.logprobs is not None
-        if not ev.text and not with_lp:
-            return None
         lp = {"content": [_chat_logprob(ev.logprobs)]} if with_lp else None
-        return chunk({"content": ev.text}, None, lp)
-    return _StreamShape([chunk({"role": "assistant", "content": ""}, None)], step,
-                        lambda finish: chunk({}, finish), meta if include_usage else None,
-                        n_prompt)
+        if calls is None:
+            return [chunk({"content": ev.text}, None, lp)] if ev.text or with_lp else []
+        out = deltas(calls.feed(ev.text))
+        if not out and with_lp:
+            out = [{}]  # the token's logprobs, its text held back (it may be a call's head)
+        return [chunk(d, None, lp if i == 0 else None) for i, d in enumerate(out)]
+
+    def finish(reason: str) -> list[dict[str, Any]]:
+        if calls is None:
+            return [chunk({}, reason)]
+        out = [chunk(d, None) for d in deltas(calls.close())]
+        return [*out, chunk({}, "tool_calls" if calls.started and reason == "stop" else reason)]
+    return _StreamShape([chunk({"role": "assistant", "content": ""}, None)], step, finish,
+                        meta if include_usage else None, n_prompt)
 
 
 def _sse(chunks: AsyncIterator[str], req: GenerationRequest | EmbeddingRequest,

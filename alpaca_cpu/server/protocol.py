@@ -1,8 +1,10 @@
 """The OpenAI request bodies the server accepts (pydantic models) and its error shape.
 
 Fields the OpenAI API defines but this server does not implement are refused with a 400 that
-names them when they ask for something (n > 1, image parts, tools); fields that change nothing
-here (user, metadata ...) are accepted and ignored, as OpenAI's own server ignores unknown ones.
+names them when they ask for something (n > 1, image parts); fields that change nothing here
+(user, metadata ...) are accepted and ignored, as OpenAI's own server ignores unknown ones.
+Structured-output fields (response_format, tools, tool_choice, grammar, json_schema) are only
+typed here; server/constraints.py checks what they ask for.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class _Sampling(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 40
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     repeat_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    grammar: str | None = None  # GBNF, llama.cpp's server field
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -73,6 +77,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: Literal[1] | None = None
     suffix: None = None
+    json_schema: dict[str, Any] | bool | None = None  # llama.cpp's server field: a bare schema
 
 
 class TextPart(BaseModel):
@@ -86,6 +91,8 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(_Sampling):
@@ -95,15 +102,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=TOP_LOGPROBS_MAX)] | None = None
-    tools: None = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # One call per answer here, whatever it says (README, "Structured output").
+    parallel_tool_calls: bool | None = None
 
 
 class EmbeddingRequest(BaseModel):

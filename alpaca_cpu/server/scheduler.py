@@ -7,6 +7,10 @@ every decoding slot, then prompt chunks of the slots still prefilling (the short
 short request is not stuck behind long ones) up to `n_batch` tokens in all. A request cancelled
 by its client (or by a shutdown) leaves at the next step and frees its slot. Each step's results
 go back to the request's handler through its `emit` callback, as typed events.
+
+A request may carry a Constraint (structured output): its slot's logits row is masked in place
+before sampling, and the sampled token advances it on a worker thread while the next
+forward_batch runs (which releases the GIL), so masks stay off the critical path.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,7 @@ import numpy as np
 
 from ..llama import GenerationStep, Llama, StepMaker
 from ..sampling import SamplingParams, sample
+from ..structured import Constraint
 
 
 class QueueFullError(RuntimeError):
@@ -61,6 +67,9 @@ class GenerationRequest:
     stops: list[str]
     logprobs: int | None  # top alternatives per token; None: no logprobs
     emit: Callable[[Event], None]
+    # the grammar's walk, first mask computed; None: free text. The scheduler's thread (and
+    # its mask worker) own it once submitted.
+    constraint: Constraint | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -137,6 +146,9 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._seed_rng = np.random.default_rng()
+        # advances constrained slots' masks while forward_batch runs (one thread: the
+        # forward pass already has the cores; this only has to finish before it does)
+        self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alpaca-mask")
 
     # ---- the handlers' side (any thread) ------------------------------------------------
 
@@ -171,6 +183,7 @@ class Scheduler:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._masks.shutdown(wait=False)
 
     @property
     def queue_depth(self) -> int:
@@ -258,9 +271,12 @@ class Scheduler:
         positions: list[int] = []
         want: list[bool] = []
         owners: list[_Slot] = []  # the slot of each wanted row
+        advancing: list[tuple[_Slot, Constraint, int]] = []  # and the token each consumes
         prefilling = sorted((s for s in self.slots if s.prefilling), key=_Slot.remaining_prompt)
         for slot in self.slots:
             if slot.req is not None and slot.next_token is not None:
+                if slot.req.constraint is not None:
+                    advancing.append((slot, slot.req.constraint, slot.next_token))
                 tokens.append(slot.next_token)
                 seqs.append(slot.index)
                 positions.append(len(slot.tokens))
@@ -286,12 +302,25 @@ class Scheduler:
             slot.tokens += chunk
         if not tokens:
             return
-        logits = self.model.forward_batch(tokens, seqs, positions, want=np.array(want))
+        # The masks of the next rows are computed beside the forward pass; both are done
+        # before any row is sampled (a failed forward still waits for the worker).
+        pending = (self._masks.submit(_advance_all, [(c, tok) for _, c, tok in advancing])
+                   if advancing else None)
+        try:
+            logits = self.model.forward_batch(tokens, seqs, positions, want=np.array(want))
+        finally:
+            failures = _failures(pending, [s for s, _, _ in advancing])
         self.stats.steps += 1
         n_generated = 0
         for row, slot in zip(logits, owners):
             req, steps = slot.req, slot.steps
             assert req is not None and steps is not None and slot.rng is not None
+            if slot.index in failures:  # this request's grammar failed; the others go on
+                req.emit(Failed(failures[slot.index]))
+                self._free(slot)
+                continue
+            if req.constraint is not None:
+                req.constraint.apply(row)  # in place: this row belongs to this slot alone
             tok = sample(row, req.params, slot.rng, slot.context)
             step = steps.push(tok, row)
             if step is not None:
@@ -338,6 +367,28 @@ class Scheduler:
         """The numbers /metrics shows."""
         return {"queue_depth": self.queue_depth, "busy_slots": self.busy_slots,
                 "n_slots": len(self.slots), "decode_tokens_per_second": self.stats.decode_rate()}
+
+
+def _advance_all(pairs: Sequence[tuple[Constraint, int]]) -> list[BaseException | None]:
+    """Each constraint consumes its token (the next mask computed); an error is returned in its
+    place, so one request's failure does not stop the others' masks."""
+    errors: list[BaseException | None] = []
+    for constraint, tok in pairs:
+        try:
+            constraint.advance(tok)
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001  (reported to that request)
+            errors.append(e)
+    return errors
+
+
+def _failures(pending: Future[list[BaseException | None]] | None,
+              slots: list[_Slot]) -> dict[int, str]:
+    """Waits for the mask worker; {slot index: error message} of the constraints that failed."""
+    if pending is None:
+        return {}
+    return {slot.index: f"{type(e).__name__}: {e}"
+            for slot, e in zip(slots, pending.result()) if e is not None}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

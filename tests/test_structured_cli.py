@@ -33,10 +33,18 @@ def test_one_shot_json_and_a_cut_off_document(smollm2_path: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     assert "only the start of a valid one" in proc.stderr  # 40 tokens: this object is longer
     assert proc.stdout.startswith("{")
-    proc = run_chat([*args, "-n", "100", "-p",
-                     'Describe a cat as JSON: {"name": ..., "age": ...}'], env_for(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert isinstance(json.loads(proc.stdout), dict)
+    # Sampled at temperature 1, an answer may still run past 100 tokens (a long array): then it
+    # says so; every answer that ended parses. Three seeds, at least one of which ends.
+    ended = 0
+    for seed in ("3", "4", "5"):
+        seeded = [*args[: args.index("-s") + 1], seed, *args[args.index("-s") + 2 :]]
+        proc = run_chat([*seeded, "-n", "100", "-p",
+                         'Describe a cat as JSON: {"name": ..., "age": ...}'], env_for(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        if "only the start of a valid one" not in proc.stderr:
+            assert isinstance(json.loads(proc.stdout), dict)
+            ended += 1
+    assert ended >= 1
 
 
 @pytest.mark.real_model

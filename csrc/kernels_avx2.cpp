@@ -924,67 +924,75 @@ struct Q5KRow {
     const uint32_t sc_lo = u[0] & 0x3f3f3f3f, m_lo = u[1] & 0x3f3f3f3f;
     const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
     const uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-    uint8_t sc[8];
-    std::memcpy(sc, &sc_lo, 4);
-    std::memcpy(sc + 4, &sc_hi, 4);
-    for (int j = 0; j < 8; j++) k.sc[j] = _mm256_set1_epi16(sc[j]);
+    // sub-block j's scale in every int16 lane of vector j: one in-lane shuffle each
+    const __m128i sc8 = _mm_cvtsi64_si128(int64_t(uint64_t(sc_lo) | (uint64_t(sc_hi) << 32)));
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
+    for (int j = 0; j < 8; j++)
+      k.sc[j] = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(int16_t(0x0100 * (2 * j + 1) + 2 * j)));
     // m_j multiplies bsums 2j and 2j + 1
     const __m128i m8 = _mm_cvtsi64_si128(int64_t(uint64_t(m_lo) | (uint64_t(m_hi) << 32)));
     k.mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qh));
-    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    // bit b of qh[l] moved to bit 4 of its byte (a 16-bit shift by |4 - b| <= 4 leaves bit 4 of
+    // each byte coming from the same byte), masked: the fifth bit as 0 or 16
+    auto fifth = [&](int b) {
+      const __m256i x = b <= 4 ? _mm256_slli_epi16(qh, 4 - b) : _mm256_srli_epi16(qh, b - 4);
+      return _mm256_and_si256(x, bit4);
+    };
     for (int h = 0; h < 4; h++) {  // bit 2h of qh[l]: weight 64h + l; bit 2h + 1: 64h + 32 + l
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * h));
-      const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * h), one);
-      const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * h + 1), one);
-      k.q[2 * h] = _mm256_or_si256(_mm256_and_si256(raw, low4), _mm256_slli_epi16(h0, 4));
-      k.q[2 * h + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4),
-                                       _mm256_slli_epi16(h1, 4));
+      k.q[2 * h] = _mm256_or_si256(_mm256_and_si256(raw, low4), fifth(2 * h));
+      k.q[2 * h + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), fifth(2 * h + 1));
     }
     k.d = fp16_scalar(w.d);
     k.dmin = fp16_scalar(w.dmin);
   }
 };
 
-// One decoded super-block against one token's Q8_K block: its term of the portable dot
-// product. q <= 31 and |a| <= 128: maddubs pairs fit int16; madd with the scale (|sc| <= 63)
-// widens to int32; bsums (|.| <= 2048) times mins (<= 128) in madd pairs fit int32.
+// One decoded super-block against one token's Q8_K block, added to the token's 8 float lanes
+// (summed once per row): sum_v madd(maddubs(q_v, a_v), sc_v) times d_w d_a, minus the bsums
+// part (Q2_K/Q5_K: mins, times dmin_w d_a; Q3_K: 4 (sc - 32), with d_w d_a). q <= 31 and
+// |a| <= 128: maddubs pairs fit int16; madd with the scale (|sc| <= 63) widens to int32;
+// bsums (|.| <= 2048) times mins (<= 128) in madd pairs fit int32. Each lane's integer sums are
+// exact, as the portable dot's are; only the float additions are grouped differently.
 template <typename B>
-static inline float k_block_term(const KDecoded& k, const block_q8_K& a) {
-  __m256i acc = _mm256_setzero_si256();
+static inline __m256 k_block_term(const KDecoded& k, const block_q8_K& a, __m256 acc) {
+  __m256i isum = _mm256_setzero_si256();
   for (int v = 0; v < 8; v++) {
     const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs + 32 * v));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(k.q[v], av), k.sc[v]));
+    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(k.q[v], av), k.sc[v]));
   }
   const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums));
   const __m256i mb = _mm256_madd_epi16(k.mins, bs);
   if constexpr (B::kMin) {
-    const int sumi = hsum_epi32(acc), summ = hsum_epi32(mb);
-    return a.d * (k.d * float(sumi) - k.dmin * float(summ));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(a.d * k.d), _mm256_cvtepi32_ps(isum), acc);
+    return _mm256_fnmadd_ps(_mm256_set1_ps(a.d * k.dmin), _mm256_cvtepi32_ps(mb), acc);
   } else {
-    const int sumi = hsum_epi32(_mm256_sub_epi32(acc, mb));
-    return a.d * k.d * float(sumi);
+    return _mm256_fmadd_ps(_mm256_set1_ps(a.d * k.d), _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, mb)), acc);
   }
 }
 
-// One weight row against n_t <= kTokK2 tokens (act_stride bytes apart): out[c * out_stride].
-template <typename B>
+// One weight row against C <= kTokK2 tokens (act_stride bytes apart): out[c * out_stride]. C is a
+// template argument so that for one token (decode) the decoded block can stay in registers.
+template <typename B, int C>
 static void k_row_tokens(int64_t nb, const typename B::W* w, const uint8_t* act, size_t act_stride,
-                         int n_t, float* out, int64_t out_stride) {
-  float acc[kTokK2] = {};
-  KDecoded k;
+                         float* out, int64_t out_stride) {
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
+    KDecoded k;
     B::decode(w[b], k);
-    for (int c = 0; c < n_t; c++)
-      acc[c] += k_block_term<B>(k, reinterpret_cast<const block_q8_K*>(act + size_t(c) * act_stride)[b]);
+    for (int c = 0; c < C; c++)
+      acc[c] = k_block_term<B>(k, reinterpret_cast<const block_q8_K*>(act + size_t(c) * act_stride)[b], acc[c]);
   }
-  for (int c = 0; c < n_t; c++) out[c * out_stride] = acc[c];
+  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(acc[c]);
 }
 
 template <typename B>
 static float dot_k_row(int64_t n, const typename B::W* w, const block_q8_K* a) {
   float r;
-  k_row_tokens<B>(n / QK_K, w, reinterpret_cast<const uint8_t*>(a), 0, 1, &r, 1);
+  k_row_tokens<B, 1>(n / QK_K, w, reinterpret_cast<const uint8_t*>(a), 0, &r, 1);
   return r;
 }
 
@@ -993,14 +1001,18 @@ template <typename B>
 static void gemm_k_rows(int64_t n, const void* wv, size_t w_stride, int64_t n_rows, const void* actv,
                         size_t act_stride, const int32_t*, int64_t n_tok, float* out,
                         int64_t out_stride) {
+  using RowFn = void (*)(int64_t, const typename B::W*, const uint8_t*, size_t, float*, int64_t);
+  static const RowFn fns[kTokK2] = {k_row_tokens<B, 1>, k_row_tokens<B, 2>, k_row_tokens<B, 3>,
+                                    k_row_tokens<B, 4>, k_row_tokens<B, 5>, k_row_tokens<B, 6>,
+                                    k_row_tokens<B, 7>, k_row_tokens<B, 8>};
   const auto* w = static_cast<const uint8_t*>(wv);
   const auto* act = static_cast<const uint8_t*>(actv);
   for (int64_t r = 0; r < n_rows; r++) {
     const auto* wr = reinterpret_cast<const typename B::W*>(w + size_t(r) * w_stride);
     for (int64_t t = 0; t < n_tok; t += kTokK2) {
       const int nt = int(std::min<int64_t>(kTokK2, n_tok - t));
-      k_row_tokens<B>(n / QK_K, wr, act + size_t(t) * act_stride, act_stride, nt,
-                      out + t * out_stride + r, out_stride);
+      fns[nt - 1](n / QK_K, wr, act + size_t(t) * act_stride, act_stride, out + t * out_stride + r,
+                  out_stride);
     }
   }
 }

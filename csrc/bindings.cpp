@@ -8,6 +8,7 @@
 #include <cmath>
 #include <optional>
 #include <cstring>
+#include <limits>
 #include <vector>
 #include <stdexcept>
 #include <string_view>
@@ -152,6 +153,9 @@ static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int6
     throw std::invalid_argument("gemm: row sizes do not match the types and cols");
   const int64_t n_rows = w.shape(0), n_tok = act.shape(0);
   FloatArray out({n_tok, n_rows});
+  // NaN first: an element a kernel forgot to write fails the tests instead of showing whatever
+  // the allocator left there (a freed array of the same size can hold the expected values).
+  std::fill(out.mutable_data(), out.mutable_data() + n_tok * n_rows, std::numeric_limits<float>::quiet_NaN());
   std::vector<uint8_t> packed(k->packed_bytes(t, n_rows, cols));
   k->pack(t, w.data(), n_rows, cols, packed.data());
   const size_t act_stride = size_t(act.shape(1) * act.itemsize());

@@ -829,6 +829,202 @@ static float dot_q6_K_q8_K_avx2(int64_t n, const block_q6_K* w, const block_q8_K
   return sum;
 }
 
+// --- Q2_K, Q3_K, Q5_K with Q8_K activations: GGML rows, several tokens per decoded row ---
+// Each weight super-block is decoded once into 8 vectors of 32 weights (vector v: weights
+// 32v .. 32v + 31, which meet activations 32v .. 32v + 31 for all three types) as unsigned
+// bytes, plus per-vector int16 scales (one scale for the whole vector: Q5_K's sub-blocks of
+// 32; the low 128 bits sub-block 2v and the high 128 bits 2v + 1: Q2_K/Q3_K's sub-blocks of 16),
+// then used for up to kTokK2 tokens. Per token: sum_v madd(maddubs(q_v, a_v), scale_v), exact in
+// int32, minus the part that multiplies Q8_K's per-16 bsums (mins; Q3_K's -4 offset). The
+// integer sums are the portable dot products' (kernels_dots.inc); the float combination is
+// theirs, written the same way, and dot is this code for one token, so dot == gemm exactly.
+// (Not panels: the AVX-512 tables inherit these entries but keep these types in GGML rows.)
+constexpr int kTokK2 = 8;
+
+struct KDecoded {
+  __m256i q[8];    // unsigned weights (Q3_K: q + 4), vector v = weights 32v .. 32v + 31
+  __m256i sc[8];   // int16 scales for vector v (see above)
+  __m256i mins;    // int16 x 16: what multiplies bsums[0..15]
+  float d, dmin;   // dmin unused by Q3_K
+};
+
+// 16 int8 sub-block scales (j order) as the int16 vector V with sub-blocks 0, 2, .., 14 in the
+// low 128 bits and 1, 3, .., 15 in the high: one in-lane byte shuffle per vector v then puts
+// sub-block 2v's scale in every low int16 lane and 2v + 1's in every high one.
+static inline __m256i k16_scale_pairs(__m128i sc8, bool is_signed) {
+  const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m128i eo = _mm_shuffle_epi8(sc8, even_odd);
+  return is_signed ? _mm256_cvtepi8_epi16(eo) : _mm256_cvtepu8_epi16(eo);
+}
+static inline void k16_scales(__m256i v, __m256i* sc) {
+  for (int p = 0; p < 8; p++) sc[p] = _mm256_shuffle_epi8(v, _mm256_set1_epi16(int16_t(0x0100 * (2 * p + 1) + 2 * p)));
+}
+
+// Q2_K / Q3_K low 2 bits: qs[32h + l] holds weights 128h + 32s + l in bits 2s, 2s + 1.
+static inline __m256i k2_low_bits(const uint8_t* qs, int v) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (v / 4)));
+  return _mm256_and_si256(_mm256_srli_epi16(raw, 2 * (v % 4)), _mm256_set1_epi8(3));
+}
+
+struct Q2KRow {
+  using W = block_q2_K;
+  static constexpr bool kMin = true;  // x = d sc q - dmin m: summ from mins . bsums
+  static inline void decode(const W& w, KDecoded& k) {
+    const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales));
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    k16_scales(k16_scale_pairs(_mm_and_si128(s, low4), false), k.sc);
+    k.mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), low4));
+    for (int v = 0; v < 8; v++) k.q[v] = k2_low_bits(w.qs, v);
+    k.d = fp16_scalar(w.d);
+    k.dmin = fp16_scalar(w.dmin);
+  }
+};
+
+// Q3_K's 16 six-bit scales minus 32, as int8 in sub-block order (q3_k_scales, 16 at once):
+// low nibbles from bytes 0..7 (sub-blocks 0..7 low, 8..15 high nibble), the top 2 bits of
+// sub-block j in bits 2(j / 4) of byte 8 + j % 4.
+static inline __m128i q3_k_scales_simd(const uint8_t* s) {
+  uint64_t lo8;
+  uint32_t hi4;
+  std::memcpy(&lo8, s, 8);
+  std::memcpy(&hi4, s + 8, 4);
+  const __m128i x = _mm_cvtsi64_si128(int64_t(lo8)), low4 = _mm_set1_epi8(0x0f);
+  const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(x, low4), _mm_and_si128(_mm_srli_epi16(x, 4), low4));
+  // 32-bit lane k holds bytes 8..11 for sub-blocks 4k .. 4k + 3; their bits sit 2k up
+  const __m128i h = _mm_srlv_epi32(_mm_set1_epi32(int32_t(hi4)), _mm_setr_epi32(0, 2, 4, 6));
+  const __m128i high = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi8(3)), 4);
+  return _mm_sub_epi8(_mm_or_si128(low, high), _mm_set1_epi8(32));
+}
+
+struct Q3KRow {
+  using W = block_q3_K;
+  static constexpr bool kMin = false;  // x = d (sc - 32)(q - 4): q + 4 unsigned, -4 sum sc bsum
+  static inline void decode(const W& w, KDecoded& k) {
+    const __m128i sc8 = q3_k_scales_simd(w.scales);
+    k16_scales(k16_scale_pairs(sc8, true), k.sc);
+    k.mins = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 2);  // 4 (sc - 32): |.| <= 128
+    const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.hmask));
+    const __m256i one = _mm256_set1_epi8(1);
+    for (int v = 0; v < 8; v++) {  // bit v of hmask[l]: weight 32v + l has q >= 0, i.e. + 4
+      const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hm, v), one);
+      k.q[v] = _mm256_or_si256(k2_low_bits(w.qs, v), _mm256_slli_epi16(hb, 2));
+    }
+    k.d = fp16_scalar(w.d);
+    k.dmin = 0.0f;
+  }
+};
+
+struct Q5KRow {
+  using W = block_q5_K;
+  static constexpr bool kMin = true;  // x = d sc q - dmin m: summ from mins . bsums
+  static inline void decode(const W& w, KDecoded& k) {
+    // k4_scale_min for 8 sub-blocks at once: 12 bytes as 3 words (see block_q4_K)
+    uint32_t u[3];
+    std::memcpy(u, w.scales, 12);
+    const uint32_t sc_lo = u[0] & 0x3f3f3f3f, m_lo = u[1] & 0x3f3f3f3f;
+    const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    const uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    // sub-block j's scale in every int16 lane of vector j: one in-lane shuffle each
+    const __m128i sc8 = _mm_cvtsi64_si128(int64_t(uint64_t(sc_lo) | (uint64_t(sc_hi) << 32)));
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
+    for (int j = 0; j < 8; j++)
+      k.sc[j] = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(int16_t(0x0100 * (2 * j + 1) + 2 * j)));
+    // m_j multiplies bsums 2j and 2j + 1
+    const __m128i m8 = _mm_cvtsi64_si128(int64_t(uint64_t(m_lo) | (uint64_t(m_hi) << 32)));
+    k.mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qh));
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    // bit b of qh[l] moved to bit 4 of its byte (a 16-bit shift by |4 - b| <= 4 leaves bit 4 of
+    // each byte coming from the same byte), masked: the fifth bit as 0 or 16
+    auto fifth = [&](int b) {
+      const __m256i x = b <= 4 ? _mm256_slli_epi16(qh, 4 - b) : _mm256_srli_epi16(qh, b - 4);
+      return _mm256_and_si256(x, bit4);
+    };
+    for (int h = 0; h < 4; h++) {  // bit 2h of qh[l]: weight 64h + l; bit 2h + 1: 64h + 32 + l
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * h));
+      k.q[2 * h] = _mm256_or_si256(_mm256_and_si256(raw, low4), fifth(2 * h));
+      k.q[2 * h + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), fifth(2 * h + 1));
+    }
+    k.d = fp16_scalar(w.d);
+    k.dmin = fp16_scalar(w.dmin);
+  }
+};
+
+// One decoded super-block against one token's Q8_K block, added to the token's 8 float lanes
+// (summed once per row): sum_v madd(maddubs(q_v, a_v), sc_v) times d_w d_a, minus the bsums
+// part (Q2_K/Q5_K: mins, times dmin_w d_a; Q3_K: 4 (sc - 32), with d_w d_a). q <= 31 and
+// |a| <= 128: maddubs pairs fit int16; madd with the scale (|sc| <= 63) widens to int32;
+// bsums (|.| <= 2048) times mins (<= 128) in madd pairs fit int32. Each lane's integer sums are
+// exact, as the portable dot's are; only the float additions are grouped differently.
+template <typename B>
+static inline __m256 k_block_term(const KDecoded& k, const block_q8_K& a, __m256 acc) {
+  __m256i isum = _mm256_setzero_si256();
+  for (int v = 0; v < 8; v++) {
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs + 32 * v));
+    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(k.q[v], av), k.sc[v]));
+  }
+  const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums));
+  const __m256i mb = _mm256_madd_epi16(k.mins, bs);
+  if constexpr (B::kMin) {
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(a.d * k.d), _mm256_cvtepi32_ps(isum), acc);
+    return _mm256_fnmadd_ps(_mm256_set1_ps(a.d * k.dmin), _mm256_cvtepi32_ps(mb), acc);
+  } else {
+    return _mm256_fmadd_ps(_mm256_set1_ps(a.d * k.d), _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, mb)), acc);
+  }
+}
+
+// One weight row against C <= kTokK2 tokens (act_stride bytes apart): out[c * out_stride]. C is a
+// template argument so that for one token (decode) the decoded block can stay in registers.
+template <typename B, int C>
+static void k_row_tokens(int64_t nb, const typename B::W* w, const uint8_t* act, size_t act_stride,
+                         float* out, int64_t out_stride) {
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    KDecoded k;
+    B::decode(w[b], k);
+    for (int c = 0; c < C; c++)
+      acc[c] = k_block_term<B>(k, reinterpret_cast<const block_q8_K*>(act + size_t(c) * act_stride)[b], acc[c]);
+  }
+  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(acc[c]);
+}
+
+template <typename B>
+static float dot_k_row(int64_t n, const typename B::W* w, const block_q8_K* a) {
+  float r;
+  k_row_tokens<B, 1>(n / QK_K, w, reinterpret_cast<const uint8_t*>(a), 0, &r, 1);
+  return r;
+}
+
+// Rows outer, tokens kTokK2 at a time inner: each super-block is decoded once per kTokK2 tokens.
+template <typename B>
+static void gemm_k_rows(int64_t n, const void* wv, size_t w_stride, int64_t n_rows, const void* actv,
+                        size_t act_stride, const ActBlockInfo*, int64_t n_tok, float* out,
+                        int64_t out_stride) {
+  using RowFn = void (*)(int64_t, const typename B::W*, const uint8_t*, size_t, float*, int64_t);
+  static const RowFn fns[kTokK2] = {k_row_tokens<B, 1>, k_row_tokens<B, 2>, k_row_tokens<B, 3>,
+                                    k_row_tokens<B, 4>, k_row_tokens<B, 5>, k_row_tokens<B, 6>,
+                                    k_row_tokens<B, 7>, k_row_tokens<B, 8>};
+  const auto* w = static_cast<const uint8_t*>(wv);
+  const auto* act = static_cast<const uint8_t*>(actv);
+  for (int64_t r = 0; r < n_rows; r++) {
+    const auto* wr = reinterpret_cast<const typename B::W*>(w + size_t(r) * w_stride);
+    for (int64_t t = 0; t < n_tok; t += kTokK2) {
+      const int nt = int(std::min<int64_t>(kTokK2, n_tok - t));
+      fns[nt - 1](n / QK_K, wr, act + size_t(t) * act_stride, act_stride, out + t * out_stride + r,
+                  out_stride);
+    }
+  }
+}
+
+template <typename B>
+static void set_k_rows(KernelTable& t, GgmlType type) {
+  TypeKernels& k = t.types[int(type)];
+  k.dot = erased_dot<typename B::W, block_q8_K, dot_k_row<B>>;
+  k.gemm = gemm_k_rows<B>;
+  k.uses_act_info = false;
+}
+
 // --- 5-bit and non-linear 4-bit blocks of 32 (Q5_0, Q5_1, IQ4_NL): the Q4_K_M mix's Q5_0 rows ---
 // Each weight block is expanded once to 32 int8 weights in one register, in weight order
 // (bytes 0..15: low nibbles, weights 0..15; bytes 16..31: high nibbles, weights 16..31), then
@@ -962,6 +1158,9 @@ static KernelTable make_table() {
   set_portable_kernels(t);  // then the tile kernels replace gemm_rows
   set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_avx2>(t, GgmlType::Q4_K);
   set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_avx2>(t, GgmlType::Q6_K);
+  set_k_rows<Q2KRow>(t, GgmlType::Q2_K);
+  set_k_rows<Q3KRow>(t, GgmlType::Q3_K);
+  set_k_rows<Q5KRow>(t, GgmlType::Q5_K);
   set_block32<Q5_0Block>(t, GgmlType::Q5_0);
   set_block32<Q5_1Block>(t, GgmlType::Q5_1);
   set_block32<Iq4nlBlock>(t, GgmlType::IQ4_NL);

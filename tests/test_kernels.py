@@ -29,8 +29,11 @@ K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 assert sorted(EXACT_TWIN_TYPES + K_TYPES) == sorted(ggml_types.WEIGHT_TYPES)
 # (rows, n_tok, cols): rows not a multiple of 8, one row, K = 32 and K = 11008.
 SHAPES = [(1, 1, 32), (7, 3, 32), (13, 5, 96), (9, 2, 11008), (24, 17, 576)]
-# K-quants: one super-block, and the LLaMA row lengths 2816, 11008 and 14336 (a few rows each).
-SHAPES_K = [(1, 1, 256), (7, 3, 256), (3, 2, 2816), (2, 2, 11008), (2, 1, 14336), (17, 5, 512)]
+# K-quants: one super-block, and the LLaMA row lengths 2816, 11008 and 14336 (a few rows each);
+# token counts around the AVX2 tiles (4 tokens per pass in panels, 8 in the row kernels of
+# Q2_K/Q3_K/Q5_K): 11 and 9 leave a partial tile.
+SHAPES_K = [(1, 1, 256), (7, 3, 256), (3, 2, 2816), (2, 2, 11008), (2, 1, 14336), (17, 5, 512),
+            (5, 11, 2816), (1, 9, 14336)]
 # K-quant results are compared relative to sum |w| |a| (the dequantized rows' magnitudes), not
 # to the result, which cancels. The integer sub-block sums are exact on every side; what differs
 # is float32 rounding: the numpy twin's dequantized weights (d * sc, then * q: 2 roundings,
@@ -91,7 +94,7 @@ def test_new_types_integer_parts_are_exact(wtype: T, isa: str) -> None:
     exactly the numpy twin's integers (float64 from exact integer parts)."""
     rng = np.random.default_rng(int(wtype))
     t = ggml_types.traits(wtype)
-    rows, n_tok, cols = 5, 3, 2 * t.block_size if t.block_size == 256 else 256
+    rows, n_tok, cols = 5, 11, 2 * t.block_size if t.block_size == 256 else 256
     w = rng.integers(0, 256, (rows, q.row_bytes(wtype, cols)), dtype=np.uint8)
     wb = w.reshape(-1, t.type_size)
     one = np.array([1.0], np.float16).view(np.uint8)

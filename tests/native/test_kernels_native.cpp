@@ -115,7 +115,7 @@ std::vector<size_t> fp16_fields(GgmlType t) {
 
 // Row lengths to test a type at: whole blocks, including one block and K = 11008.
 std::vector<int64_t> block_sizes_for(GgmlType t) {
-  if (block_of(t) == QK_K) return {256, 2816, 11008};
+  if (block_of(t) == QK_K) return {256, 2816, 11008, 14336};
   return {32, 96, 11008};
 }
 
@@ -544,8 +544,10 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
   struct Shape { int64_t rows, n_tok, n; };
   // One row, rows not a multiple of 8, K = 32, 96 and 11008.
   const std::vector<Shape> shapes = {{1, 1, 32}, {7, 3, 32}, {13, 5, 96}, {9, 2, 11008}, {24, 17, 576}};
-  // Super-block types: one super-block, K = 2816, 11008, 14336.
-  const std::vector<Shape> shapes_k = {{1, 1, 256}, {7, 3, 256}, {5, 3, 2816}, {3, 2, 11008}, {2, 1, 14336}};
+  // Super-block types: one super-block, K = 2816, 11008, 14336; token counts that leave a
+  // partial AVX2 tile (4 per pass in panels, 8 in the Q2_K/Q3_K/Q5_K row kernels).
+  const std::vector<Shape> shapes_k = {{1, 1, 256}, {7, 3, 256}, {5, 3, 2816}, {3, 2, 11008}, {2, 1, 14336},
+                                       {4, 11, 2816}, {9, 9, 512}};
   for (GgmlType wt : kWeightTypes) {
     for (const Shape& sh : block_of(wt) == QK_K ? shapes_k : shapes) {
       const Rows w = random_rows(wt, sh.rows, sh.n, uint32_t(sh.rows * 1000 + sh.n));
@@ -578,6 +580,30 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
                        (long long)sh.n_tok, (long long)sh.n),
              err);
     }
+  }
+}
+
+// Q2_K, Q3_K and Q5_K run one code path for a token alone (dot) and in a tile of tokens (gemm)
+// on every table (AVX2's row kernels, inherited by AVX-512; gemm_rows elsewhere): bit-equal
+// results, so a prompt's prefill gives what token-by-token decode gives. 11 tokens: one full
+// AVX2 tile of 8 and a partial one.
+void test_dot_equals_gemm(const KernelTable& t) {
+  const std::string isa = t.name;
+  for (GgmlType wt : {GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q5_K}) {
+    const int64_t rows = 3, n_tok = 11, n = 2816;
+    const Rows w = random_rows(wt, rows, n, 77);
+    const Rows a = random_rows(act_type(wt), n_tok, n, 78);
+    std::vector<float> out(size_t(n_tok * rows));
+    t.of(wt, Need::Gemm).gemm(n, packed_for(t, w).data(), row_bytes(wt, n), rows, a.bytes.data(), a.stride,
+                              nullptr, n_tok, out.data(), rows);
+    std::string err;
+    for (int64_t tok = 0; tok < n_tok && err.empty(); tok++) {
+      for (int64_t r = 0; r < rows && err.empty(); r++) {
+        const float d = table_dot(t, wt, n, w.row(r), a.row(tok)), g = out[size_t(tok * rows + r)];
+        if (bits(d) != bits(g)) err = fmt("row %lld token %lld: dot %.9g, gemm %.9g", (long long)r, (long long)tok, d, g);
+      }
+    }
+    record(isa + fmt(" dot == gemm bits %s K=%lld tok=%lld", type_name(wt), (long long)n, (long long)n_tok), err);
   }
 }
 
@@ -758,6 +784,7 @@ int main(int argc, char** argv) {
     const int before = g_passed + g_failed;
     test_type_kernels(t);
     test_exact(t);  // scalar included: exact results need no twin
+    test_dot_equals_gemm(t);
     test_layout(t);
     if (name != "scalar") {
       test_quantizers(s, t);

@@ -84,6 +84,19 @@ def test_top_k_ties_at_the_cut_go_to_lower_ids_and_zero_disables() -> None:
     assert kept(top_k_filter(x, 10)) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("in_play", [3, 40, 200, 3000])
+def test_top_k_on_a_mostly_masked_row_equals_a_stable_sort(in_play: int) -> None:
+    # a grammar's mask leaves few tokens (the filter then works on those alone): the result is
+    # still the first k of a stable descending sort, ties (rounded logits) to the lower ids
+    rng = np.random.default_rng(in_play)
+    x = np.full(8000, -np.inf, np.float32)
+    ids = rng.choice(8000, in_play, replace=False)
+    x[ids] = np.round(rng.standard_normal(in_play) * 2).astype(np.float32)
+    for k in (1, 5, 40):
+        order = np.argsort(-x, kind="stable")[: min(k, in_play)]
+        assert kept(top_k_filter(frozen(x), k)) == sorted(order.tolist())
+
+
 def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
     # Probabilities by id: 0.15, 0.5, 0.1, 0.25  ->  sorted 0.5 (id 1), 0.25 (id 3), 0.15, 0.1.
     x = logits_of([0.15, 0.5, 0.1, 0.25])

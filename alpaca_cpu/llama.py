@@ -24,7 +24,7 @@ from .llama_compat import split_compat_args
 from .model import Model
 from .sampling import SamplingParams, sample, token_logprobs
 from .stop_strings import StopStringFilter
-from .structured import Constraint, Grammar, advance_beside
+from .structured import Constraint, Grammar, advance_beside, spare_core
 from .tokenizer import StreamingDecoder, Tokenizer, check_unicode
 from .tool_calls import ToolPlan, request_constraint
 
@@ -211,6 +211,7 @@ class Llama:
         self.n_batch = n_batch
         self._model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type,
                             n_slots=n_seq_max)
+        self._mask_beside = spare_core(self._model.n_threads)  # structured output's masks
         md = self._model.metadata
         self.tokenizer_ = Tokenizer.from_metadata(md)
         # llama-cpp-python exposes scalar metadata as strings.
@@ -436,7 +437,8 @@ class Llama:
                     with self._lock:
                         logits = self._sync(ctx)
                 else:
-                    logits = advance_beside(constraint, tok, self._locked_sync, ctx)
+                    logits = advance_beside(constraint, tok, self._locked_sync, ctx,
+                                            beside=self._mask_beside)
         finally:
             if held:
                 self._turn.release()

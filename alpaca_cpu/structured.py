@@ -388,11 +388,27 @@ def _worker() -> ThreadPoolExecutor:
         return _MASK_WORKER
 
 
+def spare_core(n_threads: int) -> bool:
+    """Whether this process may use a CPU beside the forward pass's `n_threads`: only then is
+    the mask computed on a thread of its own. Without one it would take turns with the pass's
+    spinning workers and cost more than it hides (SmolLM2, 2 threads on 2 cores: 0.74-0.78 of
+    free decode beside the pass, 0.96 before it; bench_structured.py)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return n_threads < cpus
+
+
 def advance_beside(constraint: Constraint, token: int, work: Callable[[_T], np.ndarray],
-                   arg: _T) -> np.ndarray:
+                   arg: _T, beside: bool = True) -> np.ndarray:
     """`constraint.advance(token)` on a worker thread while this thread runs `work(arg)` (the
     forward pass, which releases the GIL); both done when this returns. An error of either is
-    raised here (the forward pass's first)."""
+    raised here (the forward pass's first). beside=False (no spare core, see spare_core): the
+    advance first, then the work, on this thread."""
+    if not beside:
+        constraint.advance(token)
+        return work(arg)
     pending = _worker().submit(constraint.advance, token)
     try:
         result = work(arg)

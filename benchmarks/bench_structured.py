@@ -5,9 +5,10 @@
 
 Decode: `--gen` tokens after a short prompt at temperature 1, end-of-generation tokens banned,
 free (unconstrained) and under a JSON Schema that cannot end sooner (an array of at least 1000
-objects), with the mask computed beside the forward pass (as the library does) and, for
-contrast, before it ("sequential"). Best of `--reps` runs. Default model: SmolLM2; pass the
-1.1B-shape file (benchmarks/make_random_model.py --shape tinyllama) for the other figure.
+objects), with the mask where the library puts it (beside the forward pass when a core is
+spare, else before it: structured.spare_core), and both ways forced for contrast. Best of
+`--reps` runs. Default model: SmolLM2; pass the 1.1B-shape file
+(benchmarks/make_random_model.py --shape tinyllama) for the other figure.
 
 Mask: the time of Constraint.advance (consume a token, compute the next mask) along a random
 walk through the same schema, median and p99, for SmolLM2's 49152-token vocabulary and, with
@@ -20,12 +21,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-import alpaca_cpu.llama as llama_module
 from alpaca_cpu.default_model import default_model_path
 from alpaca_cpu.gguf_file import read_metadata
 from alpaca_cpu.llama import Llama
@@ -37,12 +36,6 @@ LONG_SCHEMA = {"type": "array", "minItems": 1000, "items": {
                                      "tags": {"type": "array", "items": {"type": "string"}}},
     "required": ["name", "n", "tags"], "additionalProperties": False}}
 PROMPT = "A list of records as JSON:\n"
-
-
-def _sequential(constraint: Constraint, token: int, work: Callable[[Any], np.ndarray],
-                arg: Any) -> np.ndarray:
-    constraint.advance(token)
-    return work(arg)
 
 
 def decode_tps(llm: Llama, gen: int, reps: int, grammar: Grammar | None) -> float:
@@ -62,17 +55,20 @@ def decode(model: str, threads: int, gen: int, reps: int) -> dict[str, Any]:
     llm = Llama(model, n_ctx=gen + 64, n_threads=threads, seed=0)
     grammar = Grammar.from_json_schema(LONG_SCHEMA)
     free = decode_tps(llm, gen, reps, None)
-    beside = decode_tps(llm, gen, reps, grammar)
-    original = llama_module.advance_beside
-    llama_module.advance_beside = _sequential  # type: ignore[assignment]
-    try:
-        sequential = decode_tps(llm, gen, reps, grammar)
-    finally:
-        llama_module.advance_beside = original
+    chosen = llm._mask_beside  # the library's choice: beside the pass only with a spare core
+    constrained = decode_tps(llm, gen, reps, grammar)
+    timings = {}
+    for beside in (True, False):
+        llm._mask_beside = beside
+        timings[beside] = decode_tps(llm, gen, reps, grammar)
+    llm._mask_beside = chosen
     return {"model": model, "n_vocab": llm.n_vocab(), "threads": threads,
-            "free_tps": free, "constrained_tps": beside, "constrained_sequential_tps": sequential,
-            "constrained_ratio": round(beside / free, 3),
-            "sequential_ratio": round(sequential / free, 3)}
+            "mask_beside_chosen": chosen, "free_tps": free, "constrained_tps": constrained,
+            "constrained_beside_tps": timings[True],
+            "constrained_sequential_tps": timings[False],
+            "constrained_ratio": round(constrained / free, 3),
+            "beside_ratio": round(timings[True] / free, 3),
+            "sequential_ratio": round(timings[False] / free, 3)}
 
 
 def mask_times(tokenizer: Tokenizer, steps: int) -> dict[str, Any]:

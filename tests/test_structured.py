@@ -511,10 +511,15 @@ def test_strict_refuses_unlisted_properties(llm: Llama) -> None:
     assert _walk(Grammar.from_json_schema(schema, strict=True), llm, '{"a":1}')
 
 
-def test_mask_is_computed_beside_the_forward_pass(llm: Llama, monkeypatch) -> None:
-    """Each advance (consume + next mask) runs on the mask worker, not the generating thread,
-    and overlaps the forward pass: it starts before that step's forward pass returns."""
+@pytest.mark.parametrize("beside", [True, False], ids=["spare-core", "no-spare-core"])
+def test_mask_is_computed_beside_the_forward_pass(llm: Llama, monkeypatch, beside: bool) -> None:
+    """Where a core is spare, each advance (consume + next mask) runs on the mask worker, not
+    the generating thread, and overlaps the forward pass: it starts before that step's forward
+    pass returns. Where none is (structured.spare_core), it runs on the generating thread just
+    before the forward pass."""
     import threading
+
+    monkeypatch.setattr(llm, "_mask_beside", beside)
 
     events: list[tuple[str, str]] = []
     advance, forward = Constraint.advance, llm._model.forward
@@ -536,8 +541,8 @@ def test_mask_is_computed_beside_the_forward_pass(llm: Llama, monkeypatch) -> No
     assert len(r["choices"][0]["text"]) == 3
     advances = [i for i, e in enumerate(events) if e[0] == "advance"]
     assert len(advances) >= 2
-    assert all(events[i][1].startswith("alpaca-mask") for i in advances)
     main = threading.current_thread().name
+    assert all(events[i][1].startswith("alpaca-mask" if beside else main) for i in advances)
     for i in advances:  # the forward pass of the same step finishes after the advance began
         assert events[i + 1] == ("forward_done", main)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..llama import GenerationStep, Llama, StepMaker
 from ..sampling import SamplingParams, sample
-from ..structured import Constraint
+from ..structured import Constraint, spare_core
 
 
 class QueueFullError(RuntimeError):
@@ -149,6 +149,7 @@ class Scheduler:
         # advances constrained slots' masks while forward_batch runs (one thread: the
         # forward pass already has the cores; this only has to finish before it does)
         self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alpaca-mask")
+        self.mask_beside = spare_core(self.model.n_threads)
 
     # ---- the handlers' side (any thread) ------------------------------------------------
 
@@ -302,10 +303,17 @@ class Scheduler:
             slot.tokens += chunk
         if not tokens:
             return
-        # The masks of the next rows are computed beside the forward pass; both are done
-        # before any row is sampled (a failed forward still waits for the worker).
-        pending = (self._masks.submit(_advance_all, [(c, tok) for _, c, tok in advancing])
-                   if advancing else None)
+        # The masks of the next rows are computed beside the forward pass where a core is
+        # spare (else before it: see structured.spare_core); both are done before any row is
+        # sampled (a failed forward still waits for the worker).
+        pairs = [(c, tok) for _, c, tok in advancing]
+        pending: Future[list[BaseException | None]] | None = None
+        if pairs:
+            if self.mask_beside:
+                pending = self._masks.submit(_advance_all, pairs)
+            else:
+                pending = Future()
+                pending.set_result(_advance_all(pairs))
         try:
             logits = self.model.forward_batch(tokens, seqs, positions, want=np.array(want))
         finally:

@@ -210,12 +210,13 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
         return x.copy()
     # A grammar's mask leaves most of the vocabulary at -inf, where a partition of the whole
     # row is several times slower than of the tokens still in play: take those first.
-    in_play = np.count_nonzero(x > -np.inf)
+    live = x > -np.inf
+    in_play = np.count_nonzero(live)
     if in_play <= k:
         return x.copy()
     out = np.full_like(x, -np.inf)
     if in_play < x.shape[0] // 2:
-        ids = np.flatnonzero(x > -np.inf)  # ascending: ties still go to the lower ids
+        ids = np.flatnonzero(live)  # ascending: ties still go to the lower ids
         kept = ids[_largest(x[ids], k)]
     else:
         kept = _largest(x, k)

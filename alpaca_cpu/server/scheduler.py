@@ -10,7 +10,8 @@ go back to the request's handler through its `emit` callback, as typed events.
 
 A request may carry a Constraint (structured output): its slot's logits row is masked in place
 before sampling, and the sampled token advances it on a worker thread while the next
-forward_batch runs (which releases the GIL), so masks stay off the critical path.
+forward_batch runs (which releases the GIL), or just before it when no core is spare
+(structured.spare_core).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,10 +147,10 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._seed_rng = np.random.default_rng()
-        # advances constrained slots' masks while forward_batch runs (one thread: the
-        # forward pass already has the cores; this only has to finish before it does)
-        self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alpaca-mask")
+        # advances constrained slots' masks while forward_batch runs, where a core is spare
+        # for it (one thread: it only has to finish before the forward pass does)
         self.mask_beside = spare_core(self.model.n_threads)
+        self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alpaca-mask")
 
     # ---- the handlers' side (any thread) ------------------------------------------------
 
@@ -307,17 +308,16 @@ class Scheduler:
         # spare (else before it: see structured.spare_core); both are done before any row is
         # sampled (a failed forward still waits for the worker).
         pairs = [(c, tok) for _, c, tok in advancing]
-        pending: Future[list[BaseException | None]] | None = None
-        if pairs:
-            if self.mask_beside:
-                pending = self._masks.submit(_advance_all, pairs)
-            else:
-                pending = Future()
-                pending.set_result(_advance_all(pairs))
+        beside = bool(pairs) and self.mask_beside
+        pending = self._masks.submit(_advance_all, pairs) if beside else None
+        errors = [] if beside else _advance_all(pairs)
         try:
             logits = self.model.forward_batch(tokens, seqs, positions, want=np.array(want))
         finally:
-            failures = _failures(pending, [s for s, _, _ in advancing])
+            if pending is not None:
+                errors = pending.result()
+        failures = {slot.index: f"{type(e).__name__}: {e}"
+                    for (slot, _, _), e in zip(advancing, errors) if e is not None}
         self.stats.steps += 1
         n_generated = 0
         for row, slot in zip(logits, owners):
@@ -388,15 +388,6 @@ def _advance_all(pairs: Sequence[tuple[Constraint, int]]) -> list[BaseException 
         except Exception as e:  # noqa: BLE001  (reported to that request)
             errors.append(e)
     return errors
-
-
-def _failures(pending: Future[list[BaseException | None]] | None,
-              slots: list[_Slot]) -> dict[int, str]:
-    """Waits for the mask worker; {slot index: error message} of the constraints that failed."""
-    if pending is None:
-        return {}
-    return {slot.index: f"{type(e).__name__}: {e}"
-            for slot, e in zip(slots, pending.result()) if e is not None}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

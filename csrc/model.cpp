@@ -92,15 +92,47 @@ static int64_t tokens_per_attention_task(int64_t group) {
   return std::max<int64_t>(1, kQueriesPerTask / group);
 }
 
+// A query's positions are taken in parts at fixed absolute boundaries [k P, (k + 1) P): a
+// softmax per part, the parts folded in order (fold_part). So what a query gets depends on its
+// position and the cache alone: not on the tokens sharing its call, on the thread count, or on
+// whether it is prefilled or decoded (a prompt found in the cache and recomputed from its last
+// token gives the same bits).
+static constexpr int64_t kPartPositions = 128;
+
+static int64_t parts_for(int64_t n_pos) { return (n_pos + kPartPositions - 1) / kPartPositions; }
+
 // Decoding over a long context: one task per KV head would keep only n_kv_heads threads busy
-// (3 for SmolLM2), so each head's positions are split into parts of at least
-// kMinPartPositions, about kAttentionTasksPerThread tasks per thread in all, whose softmaxes
-// are merged by their normalizers afterwards.
-static constexpr int64_t kMinPartPositions = 128;
+// (3 for SmolLM2), so a decode step's parts are spread over about kAttentionTasksPerThread
+// tasks per thread, each storing its parts' outputs for merge_parts.
 static constexpr int64_t kAttentionTasksPerThread = 8;
 
-static int64_t max_attention_parts(int n_threads, int64_t n_kv_heads) {
+static int64_t max_part_groups(int n_threads, int64_t n_kv_heads) {
   return std::max<int64_t>(1, (kAttentionTasksPerThread * n_threads + n_kv_heads - 1) / n_kv_heads);
+}
+
+// Folds one part's output o (its softmax normalizer log_sum) into a query's running result:
+// acc = sum_j e^(log_sum_j - top) o_j and total = sum_j e^(log_sum_j - top) over the parts so
+// far. One copy of the code (noinline) for every caller, so one order of float operations.
+[[gnu::noinline]] static void fold_part(int64_t hd, const float* o, float log_sum, bool first,
+                                        float* acc, float& top, float& total) {
+  if (first) {
+    std::copy(o, o + hd, acc);
+    top = log_sum;
+    total = 1.0f;
+  } else if (log_sum > top) {
+    const float c = std::exp(top - log_sum);
+    for (int64_t d = 0; d < hd; d++) acc[d] = acc[d] * c + o[d];
+    total = total * c + 1.0f;
+    top = log_sum;
+  } else {
+    const float w = std::exp(log_sum - top);
+    for (int64_t d = 0; d < hd; d++) acc[d] += w * o[d];
+    total += w;
+  }
+}
+
+[[gnu::noinline]] static void finish_folds(int64_t hd, const float* acc, float total, float* out) {
+  for (int64_t d = 0; d < hd; d++) out[d] = acc[d] / total;
 }
 
 KvCache::KvCache(int64_t n_slots, int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx,
@@ -222,12 +254,15 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   for (GgmlType at : {GgmlType::Q8_0, GgmlType::Q8_1})
     if (act_[int(at)].size() > 0) act_info_[int(at)].resize(size_t(B * (widest / QK)));
   const int64_t max_q = tokens_per_attention_task(hp.n_heads / hp.n_kv_heads) * (hp.n_heads / hp.n_kv_heads);
-  scores_.resize(size_t(pool_.size()) * max_q * n_ctx);
-  attn_q_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
-  attn_o_.resize(size_t(pool_.size()) * max_q * hp.head_dim);
-  const size_t max_parts = size_t(hp.n_kv_heads * max_attention_parts(pool_.size(), hp.n_kv_heads));
-  // Every run of a batch (at most one per slot) may split its positions: a region each.
-  part_rows_per_run_ = max_parts * size_t(max_q);
+  const size_t threads = size_t(pool_.size());
+  scores_.resize(threads * max_q * kPartPositions);
+  attn_q_.resize(threads * max_q * hp.head_dim);
+  attn_o_.resize(threads * max_q * hp.head_dim);
+  attn_acc_.resize(threads * max_q * hp.head_dim);
+  attn_norm_.resize(threads * 3 * max_q);
+  // A decode step's parts (one query per head): every run of a batch (at most one per slot)
+  // may be one, a region each.
+  part_rows_per_run_ = size_t(hp.n_heads * parts_for(n_ctx));
   part_o_.resize(size_t(n_slots) * part_rows_per_run_ * hp.head_dim);
   part_log_sum_.resize(size_t(n_slots) * part_rows_per_run_);
   slot_len_.assign(size_t(n_slots), 0);
@@ -236,7 +271,7 @@ Model::Model(const HParams& hp, const std::map<std::string, TensorIn>& tensors, 
   out_rows_.reserve(B);
   runs_.reserve(B);
   plans_.reserve(B);
-  tasks_.reserve(size_t(B) + size_t(n_slots) * max_parts);
+  tasks_.reserve(size_t(B) + size_t(n_slots) * max_part_groups(pool_.size(), hp.n_kv_heads));
 }
 
 void Model::embed(int32_t token, float* out) {
@@ -330,8 +365,10 @@ void Model::round_to_f16(float* x, int64_t n) const {
 void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
   const int64_t n_kv = hp_.n_kv_heads, group = hp_.n_heads / hp_.n_kv_heads;
   const int64_t tpt = tokens_per_attention_task(group);
-  // One plan per run; a task per (block of tpt tokens of a run, part of its positions) and
-  // kv head.
+  // One plan per run. A decode step over several parts: a task per (group of its parts, kv
+  // head), merged afterwards; any other run: a task per (block of tpt tokens, kv head) that
+  // folds its parts itself. Same parts, same folds in the same order either way: this choice
+  // is scheduling only.
   plans_.clear();
   tasks_.clear();
   int64_t macs = 0;
@@ -345,23 +382,26 @@ void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
     p.start_pos = run.start_pos;
     p.group = group;
     p.tpt = tpt;
-    const int64_t n_blocks = (run.n + tpt - 1) / tpt;
-    // Positions are split only when one block of tokens holds all the queries (decoding).
-    // The split depends on this run alone, never on the others in the batch.
-    p.n_parts = !run.may_split || n_blocks > 1 ? 1
-                             : std::clamp<int64_t>((run.start_pos + run.n) / kMinPartPositions, 1,
-                                                   max_attention_parts(pool_.size(), n_kv));
-    p.part_len = (run.start_pos + run.n + p.n_parts - 1) / p.n_parts;
+    p.n_parts = parts_for(run.start_pos + run.n);
+    p.n_part_groups = run.n == 1 ? std::min(p.n_parts, max_part_groups(pool_.size(), n_kv)) : 1;
     p.part_row0 = size_t(r) * part_rows_per_run_;
     plans_.push_back(p);
     macs += run.n * (run.start_pos + run.n) * hp_.n_heads * hp_.head_dim;
   }
-  for (const AttentionPlan& p : plans_)
-    for (int64_t t0 = 0; t0 < p.n; t0 += p.tpt)
-      for (int64_t part = 0; part < p.n_parts; part++) tasks_.push_back({&p, t0, part});
+  for (const AttentionPlan& p : plans_) {
+    if (p.n_part_groups > 1) {
+      for (int64_t pg = 0; pg < p.n_part_groups; pg++) tasks_.push_back({&p, 0, pg});
+    } else {
+      for (int64_t t0 = 0; t0 < p.n; t0 += p.tpt) tasks_.push_back({&p, t0, -1});
+    }
+  }
   auto task = [&](int64_t i, int thread) {
     const AttentionTask& t = tasks_[i / n_kv];
-    attend_part(*t.plan, t.t0, i % n_kv, t.part, thread);
+    if (t.part_group >= 0) {
+      attend_part_group(*t.plan, i % n_kv, t.part_group, thread);
+    } else {
+      attend_block(*t.plan, t.t0, i % n_kv, thread);
+    }
   };
   const int64_t n_tasks = int64_t(tasks_.size()) * n_kv;
   // Decoding over a short context is a few microseconds of work: waking the pool for it
@@ -373,75 +413,94 @@ void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
     pool_.parallel_for(n_tasks, task);
   }
   for (const AttentionPlan& p : plans_)
-    if (p.n_parts > 1) merge_parts(p);
+    if (p.n_part_groups > 1) merge_parts(p);
 }
 
-// scores = K q for all the block's queries (one gemm), a causal softmax per query, then
-// out = sum_p score_p * V_p (one mix_rows).
-void Model::attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t part, int thread) {
+void Model::load_queries(const AttentionPlan& p, int64_t t0, int64_t nt, int64_t g, float* qbuf) const {
   const int64_t hd = hp_.head_dim, group = p.group, q_dim = hp_.n_heads * hd;
-  const int64_t max_q = p.tpt * group;
-  const bool f16 = kv_.type() == GgmlType::F16;
-  const size_t kv_stride = kv_.row_bytes();
-  const int64_t nt = std::min(p.tpt, p.n - t0), n_q = nt * group;
-  const int64_t n_pos = p.start_pos + t0 + nt;  // positions the block's last token sees
-  const int64_t p0 = std::min(n_pos, part * p.part_len), len = std::min(n_pos - p0, p.part_len);
-  float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;        // (n_q, hd), query (t, h)
-  float* scores = scores_.data() + size_t(thread) * max_q * n_ctx_;  // (n_q, n_ctx)
-  const size_t slot = p.part_row0 + size_t(g * p.n_parts + part) * max_q;
-  float* obuf = p.n_parts > 1 ? part_o_.data() + slot * hd  // (n_q, hd)
-                              : attn_o_.data() + size_t(thread) * max_q * hd;
   for (int64_t t = 0; t < nt; t++)
     std::memcpy(qbuf + t * group * hd, q_.data() + (p.base + t0 + t) * q_dim + g * group * hd,
                 size_t(group * hd) * sizeof(float));
-  if (f16) round_to_f16(qbuf, n_q * hd);
-  if (len > 0)
-    kv_kernels_.gemm(hd, kv_.k(p.slot, p.layer, g, p0), kv_stride, len, qbuf, hd * sizeof(float), nullptr,
-                     n_q, scores, n_ctx_);
+  if (kv_.type() == GgmlType::F16) round_to_f16(qbuf, nt * group * hd);
+}
+
+// scores = K q for the queries of tokens [t0, t0 + nt) against the part's positions (one
+// gemm), a causal softmax per query, then out = sum_p score_p V_p (one mix_rows). A query that
+// sees none of the part gets log_sum -inf and a zero output.
+void Model::attend_one_part(const AttentionPlan& p, int64_t t0, int64_t nt, int64_t g, int64_t part,
+                            const float* qbuf, int thread, float* out, float* log_sum) {
+  const int64_t hd = hp_.head_dim, group = p.group, n_q = nt * group;
+  const bool f16 = kv_.type() == GgmlType::F16;
+  const size_t kv_stride = kv_.row_bytes();
+  const int64_t p0 = part * kPartPositions;
+  const int64_t len = std::min(p.start_pos + t0 + nt - p0, kPartPositions);  // > 0: callers
+  float* scores = scores_.data() + size_t(thread) * p.tpt * group * kPartPositions;  // (n_q, P)
+  kv_kernels_.gemm(hd, kv_.k(p.slot, p.layer, g, p0), kv_stride, len, qbuf, hd * sizeof(float),
+                   nullptr, n_q, scores, kPartPositions);
   const float scale = 1.0f / std::sqrt(float(hd));
   for (int64_t i = 0; i < n_q; i++) {
-    float* sc = scores + i * n_ctx_;
+    float* sc = scores + i * kPartPositions;
     // causal: query i sees positions 0..its own, of which `seen` fall in this part
     const int64_t seen = std::clamp<int64_t>(p.start_pos + t0 + i / group + 1 - p0, 0, len);
-    float log_sum = -INFINITY;  // a part with nothing to see weighs nothing in the merge
+    log_sum[i] = -INFINITY;
     if (seen > 0) {
-      log_sum = k_->softmax(sc, seen, scale);
+      log_sum[i] = k_->softmax(sc, seen, scale);
       if (f16) round_to_f16(sc, seen);
     }
     std::fill(sc + seen, sc + len, 0.0f);
-    if (p.n_parts > 1) part_log_sum_[slot + i] = log_sum;
   }
-  if (len > 0) {
-    k_->mix_rows(kv_.type(), hd, kv_.v(p.slot, p.layer, g, p0), kv_stride, len, scores, n_ctx_, n_q,
-                 obuf, hd);
-  } else {
-    std::fill(obuf, obuf + n_q * hd, 0.0f);
-  }
-  if (p.n_parts > 1) return;  // merge_parts writes att_
-  for (int64_t t = 0; t < nt; t++)
-    std::memcpy(att_.data() + (p.base + t0 + t) * q_dim + g * group * hd, obuf + t * group * hd,
-                size_t(group * hd) * sizeof(float));
+  k_->mix_rows(kv_.type(), hd, kv_.v(p.slot, p.layer, g, p0), kv_stride, len, scores,
+               kPartPositions, n_q, out, hd);
 }
 
+void Model::attend_block(const AttentionPlan& p, int64_t t0, int64_t g, int thread) {
+  const int64_t hd = hp_.head_dim, group = p.group, q_dim = hp_.n_heads * hd;
+  const int64_t max_q = p.tpt * group, nt = std::min(p.tpt, p.n - t0), n_q = nt * group;
+  float* qbuf = attn_q_.data() + size_t(thread) * max_q * hd;    // (n_q, hd), query (t, h)
+  float* part_out = attn_o_.data() + size_t(thread) * max_q * hd;
+  float* acc = attn_acc_.data() + size_t(thread) * max_q * hd;
+  float* log_sum = attn_norm_.data() + size_t(thread) * 3 * max_q;
+  float* top = log_sum + max_q;
+  float* total = top + max_q;
+  load_queries(p, t0, nt, g, qbuf);
+  const int64_t n_parts = parts_for(p.start_pos + t0 + nt);
+  for (int64_t part = 0; part < n_parts; part++) {
+    attend_one_part(p, t0, nt, g, part, qbuf, thread, part_out, log_sum);
+    for (int64_t i = 0; i < n_q; i++)  // every query sees part 0; later ones only if it reaches them
+      if (p.start_pos + t0 + i / group >= part * kPartPositions)
+        fold_part(hd, part_out + i * hd, log_sum[i], part == 0, acc + i * hd, top[i], total[i]);
+  }
+  for (int64_t i = 0; i < n_q; i++)
+    finish_folds(hd, acc + i * hd, total[i],
+                 att_.data() + (p.base + t0 + i / group) * q_dim + (g * group + i % group) * hd);
+}
+
+// Part group pg of a one-token run's parts: each part's outputs (group, hd) and normalizers
+// into its rows of part_o_ / part_log_sum_ (rows (g n_parts + part) group.. of the run's region).
+void Model::attend_part_group(const AttentionPlan& p, int64_t g, int64_t pg, int thread) {
+  const int64_t hd = hp_.head_dim, group = p.group;
+  float* qbuf = attn_q_.data() + size_t(thread) * p.tpt * group * hd;
+  load_queries(p, 0, 1, g, qbuf);
+  const int64_t first = pg * p.n_parts / p.n_part_groups, last = (pg + 1) * p.n_parts / p.n_part_groups;
+  for (int64_t part = first; part < last; part++) {
+    const size_t row = p.part_row0 + size_t((g * p.n_parts + part) * group);
+    attend_one_part(p, 0, 1, g, part, qbuf, thread, part_o_.data() + row * hd,
+                    part_log_sum_.data() + row);
+  }
+}
+
+// att_ of a one-token run from its parts, folded in part order exactly as attend_block folds.
 void Model::merge_parts(const AttentionPlan& p) {
   const int64_t hd = hp_.head_dim, group = p.group, q_dim = hp_.n_heads * hd;
-  const int64_t max_q = p.tpt * group;
+  float* acc = attn_acc_.data();  // the pool is idle: thread 0's scratch
   for (int64_t g = 0; g < hp_.n_kv_heads; g++) {
-    for (int64_t i = 0; i < p.n * group; i++) {
-      float top = -INFINITY;
-      for (int64_t part = 0; part < p.n_parts; part++)
-        top = std::max(top, part_log_sum_[p.part_row0 + size_t(g * p.n_parts + part) * max_q + i]);
-      float* out = att_.data() + (p.base + i / group) * q_dim + (g * group + i % group) * hd;
-      std::fill(out, out + hd, 0.0f);
-      float total = 0.0f;
+    for (int64_t i = 0; i < group; i++) {
+      float top = 0.0f, total = 0.0f;
       for (int64_t part = 0; part < p.n_parts; part++) {
-        const size_t slot = p.part_row0 + size_t(g * p.n_parts + part) * max_q + i;
-        const float w = std::exp(part_log_sum_[slot] - top);
-        const float* o = part_o_.data() + slot * hd;
-        for (int64_t d = 0; d < hd; d++) out[d] += w * o[d];
-        total += w;
+        const size_t row = p.part_row0 + size_t((g * p.n_parts + part) * group + i);
+        fold_part(hd, part_o_.data() + row * hd, part_log_sum_[row], part == 0, acc, top, total);
       }
-      for (int64_t d = 0; d < hd; d++) out[d] /= total;
+      finish_folds(hd, acc, total, att_.data() + p.base * q_dim + (g * group + i) * hd);
     }
   }
 }
@@ -475,7 +534,7 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t start_pos, bool al
   for (int64_t b = 0; b < n; b += kMaxBatch) {
     const int64_t nb = std::min(kMaxBatch, n - b);
     const bool last = b + nb == n;
-    const SeqRun run{0, start_pos + b, 0, nb, true};
+    const SeqRun run{0, start_pos + b, 0, nb};
     out_rows_.clear();
     for (int64_t t = all_logits ? 0 : (last ? nb - 1 : nb); t < nb; t++) out_rows_.push_back(t);
     float* out = all_logits ? logits + size_t(b) * hp_.n_vocab : logits;
@@ -539,9 +598,8 @@ void Model::forward_seqs(const int32_t* tokens, const int32_t* seq, const int64_
                                   " leaves a gap after the " +
                                   std::to_string(slot_len_[size_t(seq[i])]) + " positions slot " +
                                   std::to_string(seq[i]) + " holds");
-    runs.push_back({seq[i], pos[i], i, 1, false});
+    runs.push_back({seq[i], pos[i], i, 1});
   }
-  for (SeqRun& r : runs) r.may_split = r.n == 1;  // a decode step
   for (const SeqRun& r : runs) slot_len_[size_t(r.slot)] = r.start_pos + r.n;
   // Batches of up to kMaxBatch tokens; a run that crosses a batch boundary goes on in the next.
   const int64_t width = hidden ? hp_.dim : hp_.n_vocab;

@@ -160,13 +160,9 @@ class Model {
  private:
   Matrix load_matrix(const std::map<std::string, TensorIn>& tensors, const std::string& name,
                      int64_t rows, int64_t cols);
-  // Tokens [base, base + n) of a batch: positions start_pos.. of one slot. may_split: whether
-  // attention may split this run's positions over threads when it is one block of queries
-  // (Model::attention): always for forward; in forward_seqs only for a run of one token (a
-  // decode step), whose length no batching can change.
+  // Tokens [base, base + n) of a batch: positions start_pos.. of one slot.
   struct SeqRun {
     int64_t slot, start_pos, base, n;
-    bool may_split;
   };
   // The forward pass of up to kMaxBatch tokens made of runs (at most one per slot). Writes
   // out_rows' logits, or their normed hidden states when hidden.
@@ -184,23 +180,26 @@ class Model {
   // How one layer's attention is split into tasks (decided in Model::attention).
   struct AttentionPlan {
     int64_t layer, slot, base, n, start_pos;  // tokens [base, base + n) of the batch
-    int64_t group;     // query heads per KV head
-    int64_t tpt;       // tokens per block of queries (tokens_per_attention_task)
-    int64_t n_parts;   // parts the positions of each KV head are split into (1: no split)
-    int64_t part_len;  // positions per part
-    size_t part_row0;  // this run's region of part_o_ / part_log_sum_ (rows)
+    int64_t group;          // query heads per KV head
+    int64_t tpt;            // tokens per block of queries (tokens_per_attention_task)
+    int64_t n_parts;        // parts of kPartPositions positions its last token sees
+    int64_t n_part_groups;  // > 1: a decode step whose parts are spread over that many tasks
+    size_t part_row0;       // this run's region of part_o_ / part_log_sum_ (rows)
   };
-  // att = softmax(q k^T / sqrt(head_dim)) v for the batch, causal within each run's slot:
-  // plans the tasks, runs them, merges split positions. How a run is split depends on that
-  // run only (SeqRun::may_split), so every token's reductions keep one order whatever the
-  // batch holds.
+  // att = softmax(q k^T / sqrt(head_dim)) v for the batch, causal within each run's slot,
+  // each query's positions in fixed parts whose softmaxes are folded in order: a token's
+  // result depends on its position and its slot's cache only.
   void attention(int64_t layer, const SeqRun* runs, int64_t n_runs);
-  // One task: the queries of the block of tokens from t0 that share KV head g, against part
-  // `part` of the positions they see. Writes att_ (n_parts == 1) or the part's slot in part_o_
-  // and part_log_sum_.
-  void attend_part(const AttentionPlan& p, int64_t t0, int64_t g, int64_t part, int thread);
-  // att_ from the parts' outputs: softmax over a whole row = the parts' softmaxes weighted by
-  // exp(log_sum_part - log_sum_row).
+  void load_queries(const AttentionPlan& p, int64_t t0, int64_t nt, int64_t g, float* qbuf) const;
+  // One part of the positions for the queries of tokens [t0, t0 + nt) sharing KV head g:
+  // outputs (nt * group, head_dim) and softmax normalizers (nt * group).
+  void attend_one_part(const AttentionPlan& p, int64_t t0, int64_t nt, int64_t g, int64_t part,
+                       const float* qbuf, int thread, float* out, float* log_sum);
+  // One task: the block of tokens from t0, KV head g, all its parts folded into att_.
+  void attend_block(const AttentionPlan& p, int64_t t0, int64_t g, int thread);
+  // One task of a spread decode step: part group pg of KV head g into part_o_/part_log_sum_.
+  void attend_part_group(const AttentionPlan& p, int64_t g, int64_t pg, int thread);
+  // att_ of a spread decode step: its parts folded in order, as attend_block folds them.
   void merge_parts(const AttentionPlan& p);
   void round_to_f16(float* x, int64_t n) const;
   void rope(float* v, int64_t n_heads_here, int64_t pos) const;
@@ -246,12 +245,13 @@ class Model {
     int64_t r0, n_rows;
   };
   std::vector<Chunk> chunks_;
-  // Attention scratch per thread: one task's queries (max_q, head_dim), their scores
-  // (max_q, n_ctx) and outputs (max_q, head_dim); see Model::attention.
-  Scratch attn_q_, scores_, attn_o_;
-  // Decoding splits each KV head's positions into parts (Model::attention): every part's
-  // outputs (max_q, head_dim) and log softmax normalizers (max_q), per (run, kv head, part);
-  // a region of part_rows_per_run_ rows per run, n_slots regions.
+  // Attention scratch per thread: one task's queries (max_q, head_dim), their scores for one
+  // part (max_q, kPartPositions), a part's outputs and the folded outputs (max_q, head_dim),
+  // and per query the part's normalizer, the running top and total (3, max_q).
+  Scratch attn_q_, scores_, attn_o_, attn_acc_, attn_norm_;
+  // A decode step spread over tasks (Model::attention): every part's outputs (group,
+  // head_dim) and normalizers (group), per (kv head, part); a region of part_rows_per_run_
+  // rows per run, n_slots regions.
   Scratch part_o_, part_log_sum_;
   size_t part_rows_per_run_ = 0;
   std::vector<uint8_t> embd_row_;  // one token_embd row back in GGML layout
@@ -261,7 +261,7 @@ class Model {
   std::vector<SeqRun> runs_;
   struct AttentionTask {
     const AttentionPlan* plan;
-    int64_t t0, part;
+    int64_t t0, part_group;  // part_group -1: a block of tokens from t0 (attend_block)
   };
   std::vector<AttentionPlan> plans_;
   std::vector<AttentionTask> tasks_;

@@ -170,6 +170,20 @@ def test_logprobs(llm: Llama) -> None:
     assert "".join(lp["tokens"]) == out["choices"][0]["text"]
 
 
+def test_a_cached_prompt_gives_the_same_answer(llm: Llama) -> None:
+    """Asked again, a prompt found whole in the cache is re-evaluated from its last token alone
+    (a decode step); past 256 positions its attention runs in parts spread over threads. The
+    logprobs and text must equal the first answer's bit for bit (Model::attention's fixed parts)."""
+    sentence = "llamas alpacas and vicunas graze on the high plains of the Andes while "
+    prompt = sentence * 22  # 286 words
+    first = llm(prompt, max_tokens=6, temperature=0, logprobs=5)
+    assert llm.last_eval.n_evaluated > 256
+    again = llm(prompt, max_tokens=6, temperature=0, logprobs=5)
+    assert llm.last_eval.n_evaluated == 1 and llm.last_eval.n_reused > 256
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert again["choices"][0]["logprobs"] == first["choices"][0]["logprobs"]
+
+
 def test_generation_stops_when_the_context_is_full(smollm2_path) -> None:
     llm = Llama(smollm2_path, n_ctx=64)
     out = llm("Count: 1, 2, 3,", max_tokens=200, temperature=0, logit_bias={2: -np.inf})

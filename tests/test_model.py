@@ -117,27 +117,28 @@ def test_long_prefill_spans_internal_batches(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kv_type", ["f16", "f32"])
-def test_decode_over_long_context_matches_prefill(tmp_path: Path, isa: str, kv_type: str) -> None:
-    """Decoding past a few hundred positions splits each KV head's positions into parts whose
-    softmaxes are merged afterwards (Model::attention); logits must not notice."""
+def test_decode_over_long_context_equals_prefill(tmp_path: Path, isa: str, kv_type: str) -> None:
+    """Attention takes each query's positions in parts of 128 at fixed boundaries and folds the
+    parts' softmaxes in order (Model::attention); a decode step spreads its parts over threads,
+    a prefill folds them per block of queries. Same parts, same folds: the logits of a token
+    are the same bits whether it is prefilled, decoded or recomputed, and whatever the thread
+    count (a cached prompt re-evaluated from its last token must not change a greedy answer)."""
     spec = TinySpec(context_length=1024, n_layers=2, n_heads=4, n_kv_heads=2, seed=11)
     path = write_tiny_model(tmp_path / "m.gguf", spec)
     tokens = np.random.default_rng(11).integers(0, spec.n_vocab, 620)
     m = alpaca_cpu.Model(path, n_ctx=640, n_threads=2, kv_type=kv_type)
     assert m.isa == isa
-    # The whole context in one call (run as batches of kMaxBatch = 512, then 108): each has many
-    # blocks of queries (16 tokens each here), so attention runs over all positions at once,
-    # not split into parts. Decoding at position 600+ is one block, split into
-    # clamp(601 // kMinPartPositions, 1, ceil(kAttentionTasksPerThread * 2 threads / 2 KV
-    # heads)) = clamp(4, 1, 8) = 4 parts (csrc/model.cpp: kMinPartPositions = 128,
-    # kAttentionTasksPerThread = 8), so the merge of the parts is what is compared.
+    # The whole context in one call (engine batches of 512, then 108), blocks of 16 tokens.
     whole = m.forward(tokens, all_logits=True)
     m.forward(tokens[:600])
+    # Decode steps at 600+: 5 parts each, spread over tasks and merged afterwards.
     steps = np.stack([m.forward([t], start_pos=600 + i) for i, t in enumerate(tokens[600:])])
-    assert max_rel(steps, whole[600:]) <= SAME_ENGINE_RTOL
-    # a short batch (one block of queries) is split too
-    batch = m.forward(tokens[600:610], start_pos=600, all_logits=True)
-    assert max_rel(batch, whole[600:610]) <= SAME_ENGINE_RTOL
+    np.testing.assert_array_equal(steps, whole[600:])
+    # Chunks starting anywhere: blocks of queries cut at other places.
+    batch = m.forward(tokens[597:610], start_pos=597, all_logits=True)
+    np.testing.assert_array_equal(batch, whole[597:610])
+    one_thread = alpaca_cpu.Model(path, n_ctx=640, n_threads=1, kv_type=kv_type)
+    np.testing.assert_array_equal(one_thread.forward(tokens, all_logits=True), whole)
     ref = ReferenceModel(path, n_ctx=640).forward(tokens, all_logits=True)
     assert max_rel(steps, ref[600:]) <= FLOAT_RTOL
 

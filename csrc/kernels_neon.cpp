@@ -92,7 +92,10 @@ static KernelTable make_table() {
   types[int(GgmlType::F16)].to_float = erased_to_float<fp16_t, fp16_to_fp32_row>;
   types[int(GgmlType::F16)].from_float = erased_from_float<fp16_t, fp32_to_fp16_row>;
   set_portable_kernels(t);  // dot products, gemm_rows over them, elementwise kernels
+  set_dot<block_q2_K, block_q8_K, dot_q2_K_q8_K_neon>(t, GgmlType::Q2_K);
+  set_dot<block_q3_K, block_q8_K, dot_q3_K_q8_K_neon>(t, GgmlType::Q3_K);
   set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_neon>(t, GgmlType::Q4_K);
+  set_dot<block_q5_K, block_q8_K, dot_q5_K_q8_K_neon>(t, GgmlType::Q5_K);
   set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_neon>(t, GgmlType::Q6_K);
   return t;
 }

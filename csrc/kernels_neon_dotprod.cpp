@@ -23,7 +23,10 @@ static KernelTable make_table() {
   KernelTable t = *neon_kernels();  // quantizers, fp16 rows, axpy: the plain NEON ones
   t.name = "neon_dotprod";
   set_portable_kernels(t);  // the SDOT dot products, gemm_rows over them, elementwise kernels
+  set_dot<block_q2_K, block_q8_K, dot_q2_K_q8_K_neon>(t, GgmlType::Q2_K);
+  set_dot<block_q3_K, block_q8_K, dot_q3_K_q8_K_neon>(t, GgmlType::Q3_K);
   set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_neon>(t, GgmlType::Q4_K);
+  set_dot<block_q5_K, block_q8_K, dot_q5_K_q8_K_neon>(t, GgmlType::Q5_K);
   set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_neon>(t, GgmlType::Q6_K);
   return t;
 }

@@ -7,6 +7,7 @@
 //
 // --expect-isas also checks runtime detection: available_isas() must be exactly that list.
 // Prints one line per failing check and a closing "N passed, M failed"; exits 1 on failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -505,17 +506,34 @@ void test_dots(const KernelTable& s, const KernelTable& t) {
   }
 }
 
+// A bound on |sc * q| + |m| of a K-quant weight with unit d and dmin and any sub-block scale
+// and quant bits (integer_rows): Q2_K 15 * 3 + 15, Q3_K 32 * 4, Q4_K 63 * 15 + 63, Q5_K
+// 63 * 31 + 63, Q6_K 128 * 32.
+int64_t k_weight_bound(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q2_K: return 60;
+    case GgmlType::Q3_K: return 128;
+    case GgmlType::Q4_K: return 1008;
+    case GgmlType::Q5_K: return 2016;
+    default: return 4096;  // Q6_K
+  }
+}
+
 // Integer operands with unit scales: the exact result, on every table including scalar.
 void test_exact(const KernelTable& t) {
   const std::string isa = t.name;
   for (GgmlType wt : kWeightTypes) {
-    // Amplitudes keep sum |w * a| below 2^24 at K = 11008 (see integer_rows); K-quant weights
-    // with random sub-block scales reach |w| ~ 4096 (Q6_K), so they run at K = 256 only.
+    // Amplitudes keep sum |w * a| (and every partial sum) below 2^24 at K = 11008 (see
+    // integer_rows). K-quant weights with random sub-block scales reach |w| ~ 4096 (Q6_K), so
+    // they run at K = 256 with activations up to 8 and at K = 2816 (11 super-blocks of random
+    // scale and quant bits per row) with the largest amplitude <= 8 that keeps that bound.
     const bool kq = block_of(wt) == QK_K;
-    const int amp_w = 30, amp_a = wt == GgmlType::Q4_0 ? 127 : wt == GgmlType::Q4_1 ? 60
-                                  : wt == GgmlType::IQ4_NL ? 4 : kq ? 8 : 30;
-    const std::vector<int64_t> lengths = kq ? std::vector<int64_t>{256} : std::vector<int64_t>{32, 96, 11008};
+    const std::vector<int64_t> lengths = kq ? std::vector<int64_t>{256, 2816} : std::vector<int64_t>{32, 96, 11008};
     for (int64_t n : lengths) {
+      const int amp_w = 30;
+      const int amp_a = wt == GgmlType::Q4_0 ? 127 : wt == GgmlType::Q4_1 ? 60 : wt == GgmlType::IQ4_NL ? 4
+                        : kq ? int(std::min<int64_t>(8, ((int64_t(1) << 24) - 1) / (n * k_weight_bound(wt))))
+                             : 30;
       const Rows w = integer_rows(wt, 5, n, uint32_t(n) + 3, amp_w);
       const Rows a = integer_rows(act_type(wt), 3, n, uint32_t(n) + 4, amp_a);
       std::string err;

@@ -464,6 +464,13 @@ void Model::attend_block(const AttentionPlan& p, int64_t t0, int64_t g, int thre
   float* total = top + max_q;
   load_queries(p, t0, nt, g, qbuf);
   const int64_t n_parts = parts_for(p.start_pos + t0 + nt);
+  if (n_parts == 1) {  // folding one part is a copy and a division by 1: the same bits
+    attend_one_part(p, t0, nt, g, 0, qbuf, thread, part_out, log_sum);
+    for (int64_t t = 0; t < nt; t++)
+      std::memcpy(att_.data() + (p.base + t0 + t) * q_dim + g * group * hd, part_out + t * group * hd,
+                  size_t(group * hd) * sizeof(float));
+    return;
+  }
   for (int64_t part = 0; part < n_parts; part++) {
     attend_one_part(p, t0, nt, g, part, qbuf, thread, part_out, log_sum);
     for (int64_t i = 0; i < n_q; i++)  // every query sees part 0; later ones only if it reaches them

@@ -97,13 +97,15 @@ static int64_t tokens_per_attention_task(int64_t group) {
 // position and the cache alone: not on the tokens sharing its call, on the thread count, or on
 // whether it is prefilled or decoded (a prompt found in the cache and recomputed from its last
 // token gives the same bits).
-static constexpr int64_t kPartPositions = 128;
+static constexpr int64_t kPartPositions = 256;
 
 static int64_t parts_for(int64_t n_pos) { return (n_pos + kPartPositions - 1) / kPartPositions; }
 
 // Decoding over a long context: one task per KV head would keep only n_kv_heads threads busy
-// (3 for SmolLM2), so a decode step's parts are spread over about kAttentionTasksPerThread
-// tasks per thread, each storing its parts' outputs for merge_parts.
+// (3 for SmolLM2), so when a batch has fewer than kMinTasksPerThread tasks (block, kv head)
+// per thread, its decode steps' parts are spread over about kAttentionTasksPerThread tasks per
+// thread, each storing its parts' outputs for merge_parts.
+static constexpr int64_t kMinTasksPerThread = 2;
 static constexpr int64_t kAttentionTasksPerThread = 8;
 
 static int64_t max_part_groups(int n_threads, int64_t n_kv_heads) {
@@ -297,15 +299,21 @@ void Model::matmuls(const float* x, int64_t n_tok, int64_t x_stride,
   const int64_t nb = cols / QK;
   // Quantize the activations once per format, one token per task (with the block info the
   // kernels that use it read).
-  if (n_formats > 0) {
-    pool_.parallel_for(n_tok, [&](int64_t t, int) {
-      for (int f = 0; f < n_formats; f++) {
-        uint8_t* dst = act_[int(formats[f])].data() + size_t(t) * row_bytes(formats[f], cols);
-        k_->types[int(formats[f])].from_float(x + t * x_stride, dst, cols);  // checked at load
-        if (need_info[int(formats[f])])
-          act_block_info(formats[f], dst, nb, act_info_[int(formats[f])].data() + t * nb);
-      }
-    });
+  auto quantize = [&](int64_t t, int) {
+    for (int f = 0; f < n_formats; f++) {
+      uint8_t* dst = act_[int(formats[f])].data() + size_t(t) * row_bytes(formats[f], cols);
+      k_->types[int(formats[f])].from_float(x + t * x_stride, dst, cols);  // checked at load
+      if (need_info[int(formats[f])])
+        act_block_info(formats[f], dst, nb, act_info_[int(formats[f])].data() + t * nb);
+    }
+  };
+  // A few tokens (decode steps of a few sequences) take well under a microsecond each:
+  // quantized here rather than behind one more barrier of the pool.
+  constexpr int64_t kInlineQuantizeValues = 1 << 14;
+  if (n_formats > 0 && n_tok * cols <= kInlineQuantizeValues) {
+    for (int64_t t = 0; t < n_tok; t++) quantize(t, 0);
+  } else if (n_formats > 0) {
+    pool_.parallel_for(n_tok, quantize);
   }
   // Split every job's rows into chunks of decreasing size ("guided" scheduling): each chunk
   // takes 1 / (2 * threads) of the rows still left, in whole multiples of 16 rows (a 64-byte
@@ -371,7 +379,10 @@ void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
   // is scheduling only.
   plans_.clear();
   tasks_.clear();
-  int64_t macs = 0;
+  int64_t macs = 0, blocks = 0;
+  for (int64_t r = 0; r < n_runs; r++) blocks += (runs[r].n + tpt - 1) / tpt;
+  // Spreading a decode step's parts pays only when the blocks alone leave threads idle.
+  const bool spread = blocks * n_kv < kMinTasksPerThread * pool_.size();
   for (int64_t r = 0; r < n_runs; r++) {
     const SeqRun& run = runs[r];
     AttentionPlan p;
@@ -383,7 +394,7 @@ void Model::attention(int64_t layer, const SeqRun* runs, int64_t n_runs) {
     p.group = group;
     p.tpt = tpt;
     p.n_parts = parts_for(run.start_pos + run.n);
-    p.n_part_groups = run.n == 1 ? std::min(p.n_parts, max_part_groups(pool_.size(), n_kv)) : 1;
+    p.n_part_groups = spread && run.n == 1 ? std::min(p.n_parts, max_part_groups(pool_.size(), n_kv)) : 1;
     p.part_row0 = size_t(r) * part_rows_per_run_;
     plans_.push_back(p);
     macs += run.n * (run.start_pos + run.n) * hp_.n_heads * hp_.head_dim;

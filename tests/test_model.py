@@ -118,7 +118,7 @@ def test_long_prefill_spans_internal_batches(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kv_type", ["f16", "f32"])
 def test_decode_over_long_context_equals_prefill(tmp_path: Path, isa: str, kv_type: str) -> None:
-    """Attention takes each query's positions in parts of 128 at fixed boundaries and folds the
+    """Attention takes each query's positions in parts of 256 at fixed boundaries and folds the
     parts' softmaxes in order (Model::attention); a decode step spreads its parts over threads,
     a prefill folds them per block of queries. Same parts, same folds: the logits of a token
     are the same bits whether it is prefilled, decoded or recomputed, and whatever the thread
@@ -131,7 +131,7 @@ def test_decode_over_long_context_equals_prefill(tmp_path: Path, isa: str, kv_ty
     # The whole context in one call (engine batches of 512, then 108), blocks of 16 tokens.
     whole = m.forward(tokens, all_logits=True)
     m.forward(tokens[:600])
-    # Decode steps at 600+: 5 parts each, spread over tasks and merged afterwards.
+    # Decode steps at 600+: 3 parts each, spread over tasks and merged afterwards.
     steps = np.stack([m.forward([t], start_pos=600 + i) for i, t in enumerate(tokens[600:])])
     np.testing.assert_array_equal(steps, whole[600:])
     # Chunks starting anywhere: blocks of queries cut at other places.

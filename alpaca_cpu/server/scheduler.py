@@ -131,6 +131,11 @@ class Stats:
         return sum(n for _, n in recent) / span
 
 
+def _emit_each(events: list[tuple[Callable[[Event], None], Event]]) -> None:
+    for emit, event in events:
+        emit(event)
+
+
 class Scheduler:
     """Owns `llama`'s model (its n_seq_max slots); run() is the loop of the owning thread."""
 
@@ -150,6 +155,9 @@ class Scheduler:
         # advances constrained slots' masks while forward_batch runs, where a core is spare
         # for it (one thread: it only has to finish before the forward pass does)
         self.mask_beside = spare_core(self.model.n_threads)
+        # hands a step's events to their requests' emit callbacks, in order; a server may
+        # replace it to deliver them together (alpaca_cpu.server.app: one wake-up per step)
+        self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] = _emit_each
         self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alpaca-mask")
 
     # ---- the handlers' side (any thread) ------------------------------------------------
@@ -320,11 +328,12 @@ class Scheduler:
                     for (slot, _, _), e in zip(advancing, errors) if e is not None}
         self.stats.steps += 1
         n_generated = 0
+        out: list[tuple[Callable[[Event], None], Event]] = []  # this step's events, in order
         for row, slot in zip(logits, owners):
             req, steps = slot.req, slot.steps
             assert req is not None and steps is not None and slot.rng is not None
             if slot.index in failures:  # this request's grammar failed; the others go on
-                req.emit(Failed(failures[slot.index]))
+                out.append((req.emit, Failed(failures[slot.index])))
                 self._free(slot)
                 continue
             if req.constraint is not None:
@@ -333,13 +342,14 @@ class Scheduler:
             step = steps.push(tok, row)
             if step is not None:
                 n_generated += 1
-                req.emit(step)
+                out.append((req.emit, step))
             if steps.done:
-                req.emit(steps.last())
+                out.append((req.emit, steps.last()))
                 self._free(slot)
             else:
                 slot.next_token = tok
                 slot.context.append(tok)
+        self.deliver(out)
         self.stats.generated_tokens += n_generated
         self.stats.recent.append((time.perf_counter(), n_generated))
 

@@ -192,7 +192,7 @@ struct TypeTraits {
   bool is_weight;            // may be a weight matrix (Q8_1 is an activation format only)
   GgmlType vec_dot_type;     // the activation format a weight row of this type multiplies with
   size_t scale_bytes;        // fp16 scale fields (d, then m) of each block (weight_layout.h)
-  size_t scale_offset;       // where they start in the block: 0, or Q6_K's d after its quants
+  size_t scale_offset;       // where they start in the block: 0, or after the quants (Q2_K, Q3_K, Q6_K)
   ToFloatFn to_float;        // reference (portable, bit-exact) row conversions: the scalar table's
   FromFloatFn from_float;
 };

@@ -695,6 +695,225 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
   store_panel<C>(acc, out, out_stride, nr);
 }
 
+// ---- Q5_K, Q3_K and Q2_K in panels of 8 rows, with Q8_K activations ----
+// The same panel layout (weight_layout.h: a super-block column holds the 8 rows' fp16 fields,
+// then the rest of their blocks in 32-byte columns of 4 bytes per row) and the same per-token
+// work as Q4_K/Q6_K above: exact int32 sums per row lane, the float work once per super-block
+// and token for 8 rows, the same operations in the same order for any number of tokens. The
+// loops over sub-blocks and columns are unrolled (#pragma GCC unroll) so that every shift count
+// and shuffle control is a constant: GCC left them as loops with the controls built at run
+// time, 1.3-1.5x slower (Q3_K, Q2_K; one thread, 8-row x 2048 gemm, 1 and 64 tokens).
+
+// Byte b of every 32-bit lane as a signed int16 in both halves of the lane (for madd): one
+// in-lane byte shuffle puts it in the high byte of each half, an arithmetic shift brings it down.
+static inline __m256i lane_sbyte_pairs(__m256i v, int b) {
+  const int8_t z = -128;  // 0x80: a zero byte
+  const __m256i idx = _mm256_setr_epi8(z, b, z, b, z, 4 + b, z, 4 + b, z, 8 + b, z, 8 + b, z, 12 + b, z, 12 + b,
+                                       z, b, z, b, z, 4 + b, z, 4 + b, z, 8 + b, z, 8 + b, z, 12 + b, z, 12 + b);
+  return _mm256_srai_epi16(_mm256_shuffle_epi8(v, idx), 8);
+}
+
+// Bit `from` of every byte moved to bit `to` (16-bit shifts by |to - from| <= 7: bit `to` of
+// each byte then comes from the same byte), every other bit cleared.
+static inline __m256i move_bit(__m256i v, int from, int to) {
+  const __m256i x = from <= to ? _mm256_slli_epi16(v, to - from) : _mm256_srli_epi16(v, from - to);
+  return _mm256_and_si256(x, _mm256_set1_epi8(char(1 << to)));
+}
+
+// Q5_K: Q4_K's panel plus the fifth bits. Super-block column: d[8], dmin[8], the 12 scale bytes
+// (3 columns, as Q4_K), qh (8 columns: column i holds qh bytes 4i .. 4i + 3 of each row), the
+// nibbles (32 columns, as Q4_K: column 8h + i holds qs bytes 32h + 4i ..). Weight 64h + 4i + e
+// (low nibble) has its fifth bit at bit 2h of byte e of qh column i, weight 64h + 32 + 4i + e
+// (high nibble) at bit 2h + 1. q <= 31 and |a| <= 128: 4 maddubs steps add at most 31744 per
+// int16 lane, so a sub-block's sum is widened (times its scale) after each half.
+template <int C>
+static void panel_q5_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       const ActBlockInfo*, float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q5_K);
+  constexpr size_t kQh = 4 * kPanelRows + 3 * 32, kQs = kQh + 8 * 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    prefetch_ahead<kBlock>(pb);
+    const block_q8_K* ab[C];
+    __m256i isum[C];
+    for (int c = 0; c < C; c++) {
+      ab[c] = reinterpret_cast<const block_q8_K*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
+    }
+    const K4Scales s = k4_scales(pb + 4 * kPanelRows);
+    const auto column = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + off)); };
+#pragma GCC unroll 8
+    for (int h = 0; h < 4; h++) {  // sub-blocks 2h (low nibbles of columns 8h ..) and 2h + 1 (high)
+      const __m256i sc_lo = lane_byte_pairs(h < 2 ? s.sc_lo : s.sc_hi, (2 * h) % 4);
+      const __m256i sc_hi = lane_byte_pairs(h < 2 ? s.sc_lo : s.sc_hi, (2 * h + 1) % 4);
+      __m256i slo[C], shi[C];
+      for (int c = 0; c < C; c++) slo[c] = shi[c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; i++) {
+        const __m256i v = column(kQs + 32 * (8 * h + i)), qh = column(kQh + 32 * i);
+        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, low4), move_bit(qh, 2 * h, 4));
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), move_bit(qh, 2 * h + 1, 4));
+        for (int c = 0; c < C; c++) {
+          slo[c] = _mm256_add_epi16(slo[c], _mm256_maddubs_epi16(lo, bcast4(ab[c]->qs + 64 * h + 4 * i)));
+          shi[c] = _mm256_add_epi16(shi[c], _mm256_maddubs_epi16(hi, bcast4(ab[c]->qs + 64 * h + 32 + 4 * i)));
+        }
+        if (i % 4 == 3) {  // each half of the sub-blocks: widened and scaled
+          for (int c = 0; c < C; c++) {
+            isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(slo[c], sc_lo));
+            isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(shi[c], sc_hi));
+            slo[c] = shi[c] = _mm256_setzero_si256();
+            keep_in_register(isum[c]);
+          }
+        }
+      }
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
+    for (int c = 0; c < C; c++) {
+      const __m256 da = _mm256_set1_ps(ab[c]->d);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(k4_min_sum(s, *ab[c])), acc[c]);
+    }
+  }
+  store_panel<C>(acc, out, out_stride, nr);
+}
+
+// Q3_K and Q2_K: 16 sub-blocks of 16. Weight 128h + 32s + l (h < 2, s < 4, l = 4i + e < 32) has
+// its low 2 bits at bits 2s, 2s + 1 of byte e of qs column 8h + i (qs bytes 32h + 4i ..) and
+// belongs to sub-block 8h + 2s + i / 4: 4 columns per sub-block, each read for 4 values of s.
+// Per sub-block 4 maddubs steps of q <= 7 and |a| <= 128 (at most 7168 per int16 lane), then
+// one madd with the sub-block's scale in both halves of each lane widens and scales the sum.
+
+// Q3_K: x = d (sc - 32)(q - 4). Super-block column: d[8], hmask (8 columns: column i holds
+// hmask bytes 4i .. 4i + 3; bit 4h + s of byte e is weight 128h + 32s + 4i + e's third bit,
+// set where q - 4 >= 0), qs (16 columns), the 12 scale bytes (3 columns). q + 4 (0..7) meets
+// the activations unsigned; sum_j sc_j sum((q - 4) a) = sum_j sc_j sum(q a) - 4 sum_j sc_j bsum_j.
+//
+// The 16 six-bit scales minus 32 of 8 rows (q3_k_scales for 8 rows at once), as signed bytes:
+// sc[g] holds sub-blocks 4g .. 4g + 3 in the 4 bytes of each row's lane. Low nibbles: scale
+// bytes 0..7 (sub-blocks 0..7 low, 8..15 high nibble); top 2 bits: bits 2g, 2g + 1 of scale byte
+// 8 + j % 4, i.e. of the same byte of column 2 for the 4 sub-blocks of sc[g].
+static inline void q3_k_scales8(const uint8_t* p, __m256i sc[4]) {
+  const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  const __m256i c2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+  const __m256i m4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30), b32 = _mm256_set1_epi8(32);
+  sc[0] = _mm256_or_si256(_mm256_and_si256(c0, m4), _mm256_and_si256(_mm256_slli_epi16(c2, 4), top2));
+  sc[1] = _mm256_or_si256(_mm256_and_si256(c1, m4), _mm256_and_si256(_mm256_slli_epi16(c2, 2), top2));
+  sc[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c0, 4), m4), _mm256_and_si256(c2, top2));
+  sc[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c1, 4), m4),
+                          _mm256_and_si256(_mm256_srli_epi16(c2, 2), top2));
+  for (int g = 0; g < 4; g++) sc[g] = _mm256_sub_epi8(sc[g], b32);
+}
+
+// The 16 sub-block sums of q (unsigned) and the tokens' activations, each times its scale
+// (scale(j): int16 pairs, see lane_sbyte_pairs), added to isum; qv(h, s, i) the 32 weights
+// of column 8h + i at shift s.
+template <int C, typename Q, typename S>
+static inline void k16_panel_sums(const Q& qv, const S& scale, const block_q8_K* const* ab, __m256i* isum) {
+#pragma GCC unroll 8
+  for (int h = 0; h < 2; h++) {
+#pragma GCC unroll 8
+    for (int s = 0; s < 4; s++) {
+#pragma GCC unroll 8
+      for (int half = 0; half < 2; half++) {
+        __m256i sub[C];
+        for (int c = 0; c < C; c++) sub[c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int i = 4 * half; i < 4 * half + 4; i++) {
+          const __m256i q = qv(h, s, i);
+          for (int c = 0; c < C; c++)
+            sub[c] = _mm256_add_epi16(sub[c], _mm256_maddubs_epi16(q, bcast4(ab[c]->qs + 128 * h + 32 * s + 4 * i)));
+        }
+        const __m256i sc = scale(8 * h + 2 * s + half);
+        for (int c = 0; c < C; c++) {
+          isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(sub[c], sc));
+          keep_in_register(isum[c]);
+        }
+      }
+    }
+  }
+}
+
+template <int C>
+static void panel_q3_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       const ActBlockInfo*, float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q3_K);
+  constexpr size_t kHm = 2 * kPanelRows, kQs = kHm + 8 * 32, kSc = kQs + 16 * 32;
+  const __m256i three = _mm256_set1_epi8(3);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    prefetch_ahead<kBlock>(pb);
+    const block_q8_K* ab[C];
+    __m256i isum[C];
+    for (int c = 0; c < C; c++) {
+      ab[c] = reinterpret_cast<const block_q8_K*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
+    }
+    __m256i sc[4];
+    q3_k_scales8(pb + kSc, sc);
+    const auto qv = [&](int h, int s, int i) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kQs + 32 * (8 * h + i)));
+      const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kHm + 32 * i));
+      return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * s), three), move_bit(hm, 4 * h + s, 2));
+    };
+    const auto scale = [&](int j) { return lane_sbyte_pairs(sc[j / 4], j % 4); };
+    k16_panel_sums<C>(qv, scale, ab, isum);
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    for (int c = 0; c < C; c++) {
+      const __m256i offset = _mm256_slli_epi32(q6_scale_bsum(sc, *ab[c]), 2);  // 4 sum sc bsum
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ab[c]->d)),
+                               _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[c], offset)), acc[c]);
+    }
+  }
+  store_panel<C>(acc, out, out_stride, nr);
+}
+
+// Q2_K: x = d sc q - dmin m. Super-block column: d[8], dmin[8], the 16 scale bytes (4 columns:
+// column g holds sub-blocks 4g .. 4g + 3, sc in the low nibble, m in the high one), qs (16
+// columns). Per super-block d_w d_a sum_j sc_j sum(q a) - dmin_w d_a sum_j m_j bsum_j.
+template <int C>
+static void panel_q2_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                       const ActBlockInfo*, float* out, int64_t out_stride, int nr) {
+  constexpr size_t kBlock = kPanelRows * sizeof(block_q2_K);
+  constexpr size_t kSc = 4 * kPanelRows, kQs = kSc + 4 * 32;
+  const __m256i three = _mm256_set1_epi8(3), low4 = _mm256_set1_epi8(0x0f);
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    prefetch_ahead<kBlock>(pb);
+    const block_q8_K* ab[C];
+    __m256i isum[C];
+    for (int c = 0; c < C; c++) {
+      ab[c] = reinterpret_cast<const block_q8_K*>(act + c * act_stride) + b;
+      isum[c] = _mm256_setzero_si256();
+    }
+    const auto column = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + off)); };
+    const auto qv = [&](int h, int s, int i) {
+      return _mm256_and_si256(_mm256_srli_epi16(column(kQs + 32 * (8 * h + i)), 2 * s), three);
+    };
+    // sc_j (< 16) in both int16 halves of each lane
+    const auto scale = [&](int j) { return lane_sbyte_pairs(_mm256_and_si256(column(kSc + 32 * (j / 4)), low4), j % 4); };
+    k16_panel_sums<C>(qv, scale, ab, isum);
+    __m256i m[4];  // the mins, sub-blocks 4g .. 4g + 3 per lane (< 16: signed bytes as they are)
+    for (int g = 0; g < 4; g++) m[g] = _mm256_and_si256(_mm256_srli_epi16(column(kSc + 32 * g), 4), low4);
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
+    for (int c = 0; c < C; c++) {
+      const __m256 da = _mm256_set1_ps(ab[c]->d);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(q6_scale_bsum(m, *ab[c])), acc[c]);
+    }
+  }
+  store_panel<C>(acc, out, out_stride, nr);
+}
+
 // Panels outer, tokens inner in groups of kMaxTokK; QK_K weights per block.
 template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
 static void gemm_panel8_k(int64_t n, const void* w, size_t w_stride, int64_t n_rows,
@@ -710,6 +929,7 @@ static bool panel8_applies(GgmlType t) {
   switch (t) {
     case GgmlType::Q4_0: case GgmlType::Q4_1: case GgmlType::Q8_0:
     case GgmlType::Q4_K: case GgmlType::Q6_K:
+    case GgmlType::Q5_K: case GgmlType::Q3_K: case GgmlType::Q2_K:
       return true;
     default:  // every other type: GGML rows
       return false;
@@ -1175,6 +1395,12 @@ static KernelTable make_table() {
       gemm_panel8_k<panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>>;
   types[int(GgmlType::Q6_K)].gemm =
       gemm_panel8_k<panel_q6_K<1>, panel_q6_K<2>, panel_q6_K<3>, panel_q6_K<4>>;
+  types[int(GgmlType::Q5_K)].gemm =
+      gemm_panel8_k<panel_q5_K<1>, panel_q5_K<2>, panel_q5_K<3>, panel_q5_K<4>>;
+  types[int(GgmlType::Q3_K)].gemm =
+      gemm_panel8_k<panel_q3_K<1>, panel_q3_K<2>, panel_q3_K<3>, panel_q3_K<4>>;
+  types[int(GgmlType::Q2_K)].gemm =
+      gemm_panel8_k<panel_q2_K<1>, panel_q2_K<2>, panel_q2_K<3>, panel_q2_K<4>>;
   types[int(GgmlType::F16)].gemm = gemm_float<true>;
   types[int(GgmlType::F32)].gemm = gemm_float<false>;
   t.packed_bytes = panels_packed_bytes<kPanelRows, panel8_applies>;

@@ -38,12 +38,13 @@ inline void ggml_unpack_row(GgmlType t, const void* packed, int64_t cols, int64_
 }
 
 // --- Panel<R> layout: for block types made of fp16 scale fields and quants in 4-byte groups
-// (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL; Q4_K, Q5_K and Q6_K, whose 6-bit or 8-bit sub-block
-// scales count as quants). Each table says which types it panels (its pack wrappers); the rest
-// keep the GGML layout. ---
+// (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL; the K-quants Q2_K ... Q6_K, whose 4-, 6- or 8-bit
+// sub-block scales count as quants). Each table says which types it panels (its pack wrappers);
+// the rest keep the GGML layout. ---
 
 // Where a GGML block keeps its fp16 scale fields and its quants: the scales either lead the
-// block (every type but Q6_K) or end it (Q6_K's d); the quants are the other bytes, in order.
+// block or end it (Q2_K's d and dmin, Q3_K's and Q6_K's d); the quants are the other bytes, in
+// order.
 struct BlockParts {
   size_t scales;        // bytes of fp16 d (and m)
   size_t scale_offset;  // where they start

@@ -30,8 +30,9 @@ assert sorted(EXACT_TWIN_TYPES + K_TYPES) == sorted(ggml_types.WEIGHT_TYPES)
 # (rows, n_tok, cols): rows not a multiple of 8, one row, K = 32 and K = 11008.
 SHAPES = [(1, 1, 32), (7, 3, 32), (13, 5, 96), (9, 2, 11008), (24, 17, 576)]
 # K-quants: one super-block, and the LLaMA row lengths 2816, 11008 and 14336 (a few rows each);
-# token counts around the AVX2 tiles (4 tokens per pass in panels, 8 in the row kernels of
-# Q2_K/Q3_K/Q5_K): 11 and 9 leave a partial tile.
+# token counts around the tiles (4 tokens per pass in the K-quant panels of AVX2 and AVX-512,
+# 8 in the AVX2 row kernels): 11 and 9 leave a partial tile; rows 1, 2, 3, 5, 7, 17: partial
+# panels of 8 and 16.
 SHAPES_K = [(1, 1, 256), (7, 3, 256), (3, 2, 2816), (2, 2, 11008), (2, 1, 14336), (17, 5, 512),
             (5, 11, 2816), (1, 9, 14336)]
 # K-quant results are compared relative to sum |w| |a| (the dequantized rows' magnitudes), not
@@ -79,6 +80,19 @@ def test_kquant_gemm_matches_numpy_and_scalar(wtype: T, shape: tuple[int, int, i
     assert got.shape == (n_tok, rows)
     assert np.all(np.abs(got - expected) <= KQ_GEMM_RTOL * bound)
     assert np.all(np.abs(got - scalar) <= KQ_GEMM_RTOL * bound)
+
+
+@pytest.mark.parametrize("wtype", K_TYPES, ids=lambda t: t.name)
+def test_kquant_token_alone_equals_batched(wtype: T, isa: str) -> None:
+    # A token's result does not depend on the tokens that share the call (prefill equals
+    # token-by-token decode), bit for bit: 19 rows leave partial panels of 8 and of 16, 11 tokens
+    # two full passes of 4 and a partial one.
+    rows, n_tok, cols = 19, 11, 512
+    w, act = _operands(wtype, rows, n_tok, cols, seed=int(wtype) + 7)
+    got = _core.gemm(int(wtype), w, act, cols, isa)
+    for t in range(n_tok):
+        alone = _core.gemm(int(wtype), w, np.ascontiguousarray(act[t : t + 1]), cols, isa)
+        assert np.array_equal(alone[0], got[t])
 
 
 # Where each new type keeps its fp16 scales (byte offsets in a block): set to 1.0 for the exact

@@ -601,27 +601,33 @@ void test_gemm(const KernelTable& s, const KernelTable& t) {
   }
 }
 
-// Q2_K, Q3_K and Q5_K run one code path for a token alone (dot) and in a tile of tokens (gemm)
-// on every table (AVX2's row kernels, inherited by AVX-512; gemm_rows elsewhere): bit-equal
-// results, so a prompt's prefill gives what token-by-token decode gives. 11 tokens: one full
-// AVX2 tile of 8 and a partial one.
-void test_dot_equals_gemm(const KernelTable& t) {
+// A token's gemm result does not depend on how many tokens share the call (prefill gives what
+// token-by-token decode gives, a server's sequences do not change each other's output): every
+// weight type on every table, bit for bit. 11 tokens: two full passes of 4 (AVX2 and AVX-512
+// K-quant panels), one of 8 (AVX-512 block-32 panels) and partial ones; 19 rows: a partial
+// panel of 8 and of 16.
+void test_gemm_alone_equals_batched(const KernelTable& t) {
   const std::string isa = t.name;
-  for (GgmlType wt : {GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q5_K}) {
-    const int64_t rows = 3, n_tok = 11, n = 2816;
+  for (GgmlType wt : kWeightTypes) {
+    const int64_t rows = 19, n_tok = 11, n = block_of(wt) == QK_K ? 2816 : 96;
     const Rows w = random_rows(wt, rows, n, 77);
     const Rows a = random_rows(act_type(wt), n_tok, n, 78);
-    std::vector<float> out(size_t(n_tok * rows));
-    t.of(wt, Need::Gemm).gemm(n, packed_for(t, w).data(), row_bytes(wt, n), rows, a.bytes.data(), a.stride,
-                              nullptr, n_tok, out.data(), rows);
+    const std::vector<uint8_t> packed = packed_for(t, w);
+    const std::vector<ActBlockInfo> info = info_of(a);
+    const size_t nb = info.size() / size_t(n_tok);
+    const GemmFn gemm = t.of(wt, Need::Gemm).gemm;
+    std::vector<float> out(size_t(n_tok * rows)), one(static_cast<size_t>(rows));
+    gemm(n, packed.data(), row_bytes(wt, n), rows, a.bytes.data(), a.stride, info.data(), n_tok, out.data(), rows);
     std::string err;
     for (int64_t tok = 0; tok < n_tok && err.empty(); tok++) {
+      gemm(n, packed.data(), row_bytes(wt, n), rows, a.row(tok), a.stride, info.empty() ? nullptr : info.data() + size_t(tok) * nb,
+           1, one.data(), rows);
       for (int64_t r = 0; r < rows && err.empty(); r++) {
-        const float d = table_dot(t, wt, n, w.row(r), a.row(tok)), g = out[size_t(tok * rows + r)];
-        if (bits(d) != bits(g)) err = fmt("row %lld token %lld: dot %.9g, gemm %.9g", (long long)r, (long long)tok, d, g);
+        const float b = out[size_t(tok * rows + r)], o = one[size_t(r)];
+        if (bits(b) != bits(o)) err = fmt("row %lld token %lld: alone %.9g, with others %.9g", (long long)r, (long long)tok, o, b);
       }
     }
-    record(isa + fmt(" dot == gemm bits %s K=%lld tok=%lld", type_name(wt), (long long)n, (long long)n_tok), err);
+    record(isa + fmt(" gemm alone == batched bits %s K=%lld tok=%lld", type_name(wt), (long long)n, (long long)n_tok), err);
   }
 }
 
@@ -802,7 +808,7 @@ int main(int argc, char** argv) {
     const int before = g_passed + g_failed;
     test_type_kernels(t);
     test_exact(t);  // scalar included: exact results need no twin
-    test_dot_equals_gemm(t);
+    test_gemm_alone_equals_batched(t);
     test_layout(t);
     if (name != "scalar") {
       test_quantizers(s, t);

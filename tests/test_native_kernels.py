@@ -30,8 +30,11 @@ QEMU_SCRIPT = REPO / "tests" / "native" / "run_neon_qemu.sh"
 INSTALL_SCRIPT = ".ci/install-cross.sh"
 
 # The flags CMakeLists.txt gives every file, then per architecture: its definitions and each
-# per-ISA file with its own flags (keep in step with CMakeLists.txt).
-COMMON_FLAGS = ["-std=c++17", "-O3", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+# per-ISA file with its own flags (keep in step with CMakeLists.txt). -O1 instead of the
+# build's -O3 halves the compile (30 -> 15 s on 2 cores): the -O3 kernels themselves are
+# checked on every host ISA through the extension (test_kernels.py); this driver adds the
+# C++-level checks.
+COMMON_FLAGS = ["-std=c++17", "-O1", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 ARCHES = {
     "x86_64": {
         "defines": ["-DALPACA_HAVE_X86=1"],

@@ -575,6 +575,20 @@ static inline __m256i k4_min_sum(const K4Scales& s, const block_q8_K& a) {
   return _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_srli_epi16(s.m_hi, 8), pair(5, 7)));
 }
 
+// A super-block's float step for C tokens of a type with mins (the Q4_K, Q5_K, Q2_K panels):
+// acc += d_w d_a isum - dmin_w d_a mins, d_w the panel block's first 8 halves, dmin_w the next 8.
+template <int C>
+static inline void add_block_with_mins(const uint8_t* pb, const block_q8_K* const* ab,
+                                       const __m256i* isum, const __m256i* mins, __m256* acc) {
+  const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+  const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
+  for (int c = 0; c < C; c++) {
+    const __m256 da = _mm256_set1_ps(ab[c]->d);
+    acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+    acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(mins[c]), acc[c]);
+  }
+}
+
 // Per super-block: d_w d_a sum_j sc_j sum(q a) - dmin_w d_a sum_j m_j bs_j. A sub-block's 8
 // maddubs steps add 16 products of q <= 15, |a| <= 128 per int16 lane (<= 30720); the scale
 // (< 64) multiplies them in the madd that widens them.
@@ -612,13 +626,9 @@ static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
         keep_in_register(isum[c]);
       }
     }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
-    for (int c = 0; c < C; c++) {
-      const __m256 da = _mm256_set1_ps(ab[c]->d);
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
-      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(k4_min_sum(s, *ab[c])), acc[c]);
-    }
+    __m256i mins[C];
+    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(s, *ab[c]);
+    add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
 }
@@ -770,13 +780,9 @@ static void panel_q5_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
         }
       }
     }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
-    for (int c = 0; c < C; c++) {
-      const __m256 da = _mm256_set1_ps(ab[c]->d);
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
-      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(k4_min_sum(s, *ab[c])), acc[c]);
-    }
+    __m256i mins[C];
+    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(s, *ab[c]);
+    add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
 }
@@ -903,13 +909,9 @@ static void panel_q2_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     k16_panel_sums<C>(qv, scale, ab, isum);
     __m256i m[4];  // the mins, sub-blocks 4g .. 4g + 3 per lane (< 16: signed bytes as they are)
     for (int g = 0; g < 4; g++) m[g] = _mm256_and_si256(_mm256_srli_epi16(column(kSc + 32 * g), 4), low4);
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
-    for (int c = 0; c < C; c++) {
-      const __m256 da = _mm256_set1_ps(ab[c]->d);
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum[c]), acc[c]);
-      acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(mw, da), _mm256_cvtepi32_ps(q6_scale_bsum(m, *ab[c])), acc[c]);
-    }
+    __m256i mins[C];
+    for (int c = 0; c < C; c++) mins[c] = q6_scale_bsum(m, *ab[c]);
+    add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
 }

@@ -1051,17 +1051,16 @@ static float dot_q6_K_q8_K_avx2(int64_t n, const block_q6_K* w, const block_q8_K
   return sum;
 }
 
-// --- Q2_K, Q3_K, Q5_K with Q8_K activations: GGML rows, several tokens per decoded row ---
-// Each weight super-block is decoded once into 8 vectors of 32 weights (vector v: weights
-// 32v .. 32v + 31, which meet activations 32v .. 32v + 31 for all three types) as unsigned
-// bytes, plus per-vector int16 scales (one scale for the whole vector: Q5_K's sub-blocks of
-// 32; the low 128 bits sub-block 2v and the high 128 bits 2v + 1: Q2_K/Q3_K's sub-blocks of 16),
-// then used for up to kTokK2 tokens. Per token: sum_v madd(maddubs(q_v, a_v), scale_v), exact in
-// int32, minus the part that multiplies Q8_K's per-16 bsums (mins; Q3_K's -4 offset). The
-// integer sums are the portable dot products' (kernels_dots.inc); the float combination is
-// theirs, written the same way, and dot is this code for one token, so dot == gemm exactly.
-// (Not panels: the AVX-512 tables inherit these entries but keep these types in GGML rows.)
-constexpr int kTokK2 = 8;
+// --- Q2_K, Q3_K, Q5_K dot products with Q8_K activations, on GGML rows ---
+// (Their gemm is the panel kernels above; these row kernels, once also a multi-token gemm, now
+// serve the table's dot entry, which the engine does not call.) Each weight super-block is
+// decoded once into 8 vectors of 32 weights (vector v: weights 32v .. 32v + 31, which meet
+// activations 32v .. 32v + 31 for all three types) as unsigned bytes, plus per-vector int16
+// scales (one scale for the whole vector: Q5_K's sub-blocks of 32; the low 128 bits sub-block 2v
+// and the high 128 bits 2v + 1: Q2_K/Q3_K's sub-blocks of 16). Per token: sum_v
+// madd(maddubs(q_v, a_v), scale_v), exact in int32, minus the part that multiplies Q8_K's per-16
+// bsums (mins; Q3_K's -4 offset). The integer sums are the portable dot products'
+// (kernels_dots.inc); the float combination is theirs, written the same way.
 
 struct KDecoded {
   __m256i q[8];    // unsigned weights (Q3_K: q + 4), vector v = weights 32v .. 32v + 31
@@ -1195,56 +1194,20 @@ static inline __m256 k_block_term(const KDecoded& k, const block_q8_K& a, __m256
   }
 }
 
-// One weight row against C <= kTokK2 tokens (act_stride bytes apart): out[c * out_stride]. C is a
-// template argument so that for one token (decode) the decoded block can stay in registers.
-template <typename B, int C>
-static void k_row_tokens(int64_t nb, const typename B::W* w, const uint8_t* act, size_t act_stride,
-                         float* out, int64_t out_stride) {
-  __m256 acc[C];
-  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; b++) {
-    KDecoded k;
-    B::decode(w[b], k);
-    for (int c = 0; c < C; c++)
-      acc[c] = k_block_term<B>(k, reinterpret_cast<const block_q8_K*>(act + size_t(c) * act_stride)[b], acc[c]);
-  }
-  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(acc[c]);
-}
-
 template <typename B>
 static float dot_k_row(int64_t n, const typename B::W* w, const block_q8_K* a) {
-  float r;
-  k_row_tokens<B, 1>(n / QK_K, w, reinterpret_cast<const uint8_t*>(a), 0, &r, 1);
-  return r;
-}
-
-// Rows outer, tokens kTokK2 at a time inner: each super-block is decoded once per kTokK2 tokens.
-template <typename B>
-static void gemm_k_rows(int64_t n, const void* wv, size_t w_stride, int64_t n_rows, const void* actv,
-                        size_t act_stride, const ActBlockInfo*, int64_t n_tok, float* out,
-                        int64_t out_stride) {
-  using RowFn = void (*)(int64_t, const typename B::W*, const uint8_t*, size_t, float*, int64_t);
-  static const RowFn fns[kTokK2] = {k_row_tokens<B, 1>, k_row_tokens<B, 2>, k_row_tokens<B, 3>,
-                                    k_row_tokens<B, 4>, k_row_tokens<B, 5>, k_row_tokens<B, 6>,
-                                    k_row_tokens<B, 7>, k_row_tokens<B, 8>};
-  const auto* w = static_cast<const uint8_t*>(wv);
-  const auto* act = static_cast<const uint8_t*>(actv);
-  for (int64_t r = 0; r < n_rows; r++) {
-    const auto* wr = reinterpret_cast<const typename B::W*>(w + size_t(r) * w_stride);
-    for (int64_t t = 0; t < n_tok; t += kTokK2) {
-      const int nt = int(std::min<int64_t>(kTokK2, n_tok - t));
-      fns[nt - 1](n / QK_K, wr, act + size_t(t) * act_stride, act_stride, out + t * out_stride + r,
-                  out_stride);
-    }
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / QK_K; b++) {
+    KDecoded k;
+    B::decode(w[b], k);
+    acc = k_block_term<B>(k, a[b], acc);
   }
+  return hsum(acc);
 }
 
 template <typename B>
-static void set_k_rows(KernelTable& t, GgmlType type) {
-  TypeKernels& k = t.types[int(type)];
-  k.dot = erased_dot<typename B::W, block_q8_K, dot_k_row<B>>;
-  k.gemm = gemm_k_rows<B>;
-  k.uses_act_info = false;
+static void set_k_dot(KernelTable& t, GgmlType type) {
+  t.types[int(type)].dot = erased_dot<typename B::W, block_q8_K, dot_k_row<B>>;
 }
 
 // --- 5-bit and non-linear 4-bit blocks of 32 (Q5_0, Q5_1, IQ4_NL): the Q4_K_M mix's Q5_0 rows ---
@@ -1380,9 +1343,9 @@ static KernelTable make_table() {
   set_portable_kernels(t);  // then the tile kernels replace gemm_rows
   set_dot<block_q4_K, block_q8_K, dot_q4_K_q8_K_avx2>(t, GgmlType::Q4_K);
   set_dot<block_q6_K, block_q8_K, dot_q6_K_q8_K_avx2>(t, GgmlType::Q6_K);
-  set_k_rows<Q2KRow>(t, GgmlType::Q2_K);
-  set_k_rows<Q3KRow>(t, GgmlType::Q3_K);
-  set_k_rows<Q5KRow>(t, GgmlType::Q5_K);
+  set_k_dot<Q2KRow>(t, GgmlType::Q2_K);
+  set_k_dot<Q3KRow>(t, GgmlType::Q3_K);
+  set_k_dot<Q5KRow>(t, GgmlType::Q5_K);
   set_block32<Q5_0Block>(t, GgmlType::Q5_0);
   set_block32<Q5_1Block>(t, GgmlType::Q5_1);
   set_block32<Iq4nlBlock>(t, GgmlType::IQ4_NL);
@@ -1393,6 +1356,7 @@ static KernelTable make_table() {
   types[int(GgmlType::Q8_0)].gemm =
       gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
   for (GgmlType p : {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0}) types[int(p)].uses_act_info = true;
+  // (The K-quants' panels read no act_info: uses_act_info stays false, as set_dot left it.)
   types[int(GgmlType::Q4_K)].gemm =
       gemm_panel8_k<panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>>;
   types[int(GgmlType::Q6_K)].gemm =

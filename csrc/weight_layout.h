@@ -4,14 +4,14 @@
 //
 // Two layouts:
 // - GGML: the file's rows as they are (scalar and NEON tables; other types on every table).
-// - Panel<R> (x86 SIMD tables, Q4_0/Q4_1/Q8_0; R = 8 for AVX2, 16 for AVX-512): rows in panels
-//   of R. For each block column b a panel holds the R rows' scales (fp16 d[R], then fp16 m[R]
-//   for Q4_1), then their quants interleaved 4 bytes at a time: byte 4R*j + 4*r + e is byte
-//   4*j + e of row r's block qs. One 4R-byte load (a 256-bit register for R = 8, 512-bit for
-//   16) then feeds R rows x 4 (Q8_0) or R rows x 4+4 (Q4 nibbles) weights to an integer dot
-//   product whose lanes are the R rows, so no horizontal sums per block and one F16C conversion
-//   gives R rows' scales. Same bytes per row as GGML; the rows of the last panel beyond the
-//   matrix are zero.
+// - Panel<R> (x86 SIMD tables, Q4_0/Q4_1/Q8_0, the K-quants and more: each table's list; R = 8
+//   for AVX2, 16 for AVX-512): rows in panels of R. For each block column b a panel holds the R
+//   rows' scales (fp16 d[R], then fp16 m[R] for Q4_1), then their quants interleaved 4 bytes at
+//   a time: byte 4R*j + 4*r + e is byte 4*j + e of row r's block qs. One 4R-byte load (a 256-bit
+//   register for R = 8, 512-bit for 16) then feeds R rows x 4 (Q8_0) or R rows x 4+4 (Q4
+//   nibbles) weights to an integer dot product whose lanes are the R rows, so no horizontal sums
+//   per block and one F16C conversion gives R rows' scales. Same bytes per row as GGML; the rows
+//   of the last panel beyond the matrix are zero.
 #pragma once
 #include <cstddef>
 #include <cstdint>

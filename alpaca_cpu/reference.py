@@ -97,11 +97,13 @@ class ReferenceModel:
             # scores = q k^T / sqrt(head_dim), causal softmax; query head h uses kv head h // group
             keys = np.repeat(self.k_cache[i, :end], c.group_size, axis=1)  # (end, n_heads, hd)
             vals = np.repeat(self.v_cache[i, :end], c.group_size, axis=1)
-            scores = np.einsum("thd,phd->htp", q, keys) / np.sqrt(c.head_dim)
+            # per head (h, t, d) @ (h, d, p): batched BLAS products, unlike einsum's loops
+            scores = q.transpose(1, 0, 2) @ keys.transpose(1, 2, 0) / np.sqrt(c.head_dim)
             scores = np.where(mask[None], scores, -np.inf)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             probs = scores / scores.sum(axis=-1, keepdims=True)
-            att = np.einsum("htp,phd->thd", probs, vals).reshape(n, c.q_dim).astype(np.float32)
+            att = (probs @ vals.transpose(1, 0, 2)).transpose(1, 0, 2)
+            att = att.reshape(n, c.q_dim).astype(np.float32)
             x = x + self._mm(att, p + "attn_output.weight")
             # feed-forward: SwiGLU
             xb = rmsnorm(x, w[p + "ffn_norm.weight"][0], c.rms_eps)

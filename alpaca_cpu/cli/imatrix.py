@@ -1,6 +1,10 @@
 """`alpaca-imatrix`: collect an importance matrix from a calibration text, as llama-imatrix does.
 
     alpaca-imatrix -m MODEL.gguf -f calibration.txt -o imatrix.gguf [-c 512] [--chunks N]
+    alpaca-imatrix -m MODEL.gguf --self-generated -o imatrix.gguf [--chunks N] [--seed S]
+
+With --self-generated there is no text to give: the model samples its own calibration text
+(alpaca_cpu/self_calibration.py), --chunks chunks of -c tokens (default 2), seeded.
 
 The method of `llama-imatrix` (llama.cpp tools/imatrix/imatrix.cpp), so that its files and ours
 mean the same:
@@ -29,6 +33,7 @@ from ..errors import ModelFileError
 from ..gguf_file import open_model_file
 from ..imatrix import Imatrix, ImatrixError, write_imatrix
 from ..reference import ReferenceModel
+from ..self_calibration import DATASET_NAME, DEFAULT_CHUNKS, DEFAULT_SEED, sample_tokens
 from ..tokenizer import Tokenizer
 from .perplexity import _positive, read_text
 
@@ -73,17 +78,34 @@ def collect(model: ReferenceModel, tokens: list[int], n_ctx: int, bos_id: int | 
     return im
 
 
+def self_generated_imatrix(model_path: str | Path, n_chunks: int = DEFAULT_CHUNKS,
+                           n_ctx: int = 512, seed: int = DEFAULT_SEED, n_threads: int | None = None,
+                           progress: bool = True) -> Imatrix:
+    """The importance matrix of the model over n_chunks chunks of text it samples itself."""
+    tokens = sample_tokens(model_path, n_chunks, n_ctx, seed, n_threads, progress)
+    model = ReferenceModel(model_path, n_ctx=n_ctx)
+    return collect(model, tokens, n_ctx, None, n_chunks,
+                   dataset=f"{DATASET_NAME} (seed {seed})", progress=progress)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("-m", "--model", required=True, help="GGUF model file")
-    ap.add_argument("-f", "--file", required=True, help="calibration text")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("-f", "--file", help="calibration text")
+    source.add_argument("--self-generated", action="store_true",
+                        help="no text: the model writes its own calibration text (sampled "
+                             f"from BOS at temperature 1; {DEFAULT_CHUNKS} chunks unless "
+                             "--chunks)")
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                    help=f"sampling seed of --self-generated (default {DEFAULT_SEED})")
     ap.add_argument("-o", "--output", required=True, help="imatrix file to write (GGUF)")
     ap.add_argument("-c", "--ctx-size", type=_positive, default=512,
                     help="tokens per chunk (default 512, as llama-imatrix)")
     ap.add_argument("--chunks", type=_positive, default=None,
-                    help="use at most this many chunks (default: all)")
+                    help="use at most this many chunks (default: all of the text)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -96,15 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {out} exists (--force to overwrite)", file=sys.stderr)
         return 2
     try:
-        text = read_text(args.file)
-        mf = open_model_file(args.model)
-        tok = Tokenizer.from_metadata(mf.metadata)
-        tokens = tok.encode(text)
-        check_length(len(tokens), args.ctx_size)  # before the weights are dequantized
-        model = ReferenceModel(mf, n_ctx=args.ctx_size)
-        bos_id = tok.bos_id if tok.add_bos else None
-        im = collect(model, tokens, args.ctx_size, bos_id, args.chunks,
-                     dataset=Path(args.file).name, progress=not args.quiet)
+        if args.self_generated:
+            im = self_generated_imatrix(args.model, args.chunks or DEFAULT_CHUNKS,
+                                        args.ctx_size, args.seed, progress=not args.quiet)
+        else:
+            text = read_text(args.file)
+            mf = open_model_file(args.model)
+            tok = Tokenizer.from_metadata(mf.metadata)
+            tokens = tok.encode(text)
+            check_length(len(tokens), args.ctx_size)  # before the weights are dequantized
+            model = ReferenceModel(mf, n_ctx=args.ctx_size)
+            bos_id = tok.bos_id if tok.add_bos else None
+            im = collect(model, tokens, args.ctx_size, bos_id, args.chunks,
+                         dataset=Path(args.file).name, progress=not args.quiet)
         write_imatrix(out, im)
     except (OSError, ValueError, ModelFileError, ImatrixError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

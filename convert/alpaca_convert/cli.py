@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imatrix", metavar="FILE",
                    help="importance matrix (alpaca-imatrix or llama-imatrix, GGUF or legacy "
                         ".dat): weight each column's error by its mean squared activation")
+    p.add_argument("--self-imatrix", action="store_true",
+                   help="no calibration text: make the importance matrix from text the model "
+                        "samples itself (2 chunks of 512 tokens, seeded; slower: it runs the "
+                        "model first), then quantize with it")
     p.add_argument("--lora", metavar="DIR",
                    help="PEFT LoRA adapter folder to merge into the weights")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.input, args.output, outtype=args.outtype, lora=args.lora, force=args.force,
                 dry_run=args.dry_run, n_threads=args.threads, progress=not args.quiet,
-                quantizer=args.quantizer, imatrix=args.imatrix)
+                quantizer=args.quantizer, imatrix=args.imatrix,
+                self_imatrix=args.self_imatrix)
     except ConvertError as e:
         print(f"convert-weights: error: {e}", file=sys.stderr)
         return 1

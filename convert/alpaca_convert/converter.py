@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_VERSION
 
 from alpaca_cpu import _core
+from alpaca_cpu.self_calibration import DEFAULT_CHUNKS, DEFAULT_SEED
 from alpaca_cpu.system import physical_cores
 
 from . import metadata as kv
@@ -130,6 +132,35 @@ def _missing_quantizers(tensors: list[PlannedTensor], outtype: str) -> str:
             f"(it has {have})")
 
 
+# The self-generated importance matrix of --self-imatrix (alpaca_cpu/self_calibration.py).
+SELF_CHUNKS, SELF_CTX, SELF_SEED = DEFAULT_CHUNKS, 512, DEFAULT_SEED
+
+
+def _self_generated_imatrix(input_path: Path, lora: str | Path | None, output: Path,
+                            n_threads: int, progress: bool, out: TextIO) -> Imatrix:
+    """The importance matrix of the model over text it samples itself. A GGUF input runs in
+    the engine as it is; a checkpoint folder (or a LoRA merge) is first written as a temporary
+    F16 GGUF beside the output, removed afterwards."""
+    from alpaca_cpu.cli.imatrix import self_generated_imatrix
+
+    def from_file(model: Path) -> Imatrix:
+        print(f"imatrix:   sampling {SELF_CHUNKS} chunks of {SELF_CTX} tokens from {model.name} "
+              "and collecting their activations", file=out)
+        try:
+            return self_generated_imatrix(model, SELF_CHUNKS, SELF_CTX, SELF_SEED, n_threads,
+                                          progress)
+        except (ValueError, OSError) as e:
+            raise ConvertError(f"--self-imatrix: {e}") from None
+
+    if input_path.is_file() and lora is None:
+        return from_file(input_path)
+    with tempfile.TemporaryDirectory(prefix=".self-imatrix-", dir=output.parent) as tmp:
+        f16 = Path(tmp) / "calibration-model.f16.gguf"
+        convert(input_path, f16, outtype="f16", lora=lora, n_threads=n_threads,
+                progress=progress, out=out)
+        return from_file(f16)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -138,7 +169,8 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _method(t: PlannedTensor, quantizer: str, imatrix: Imatrix | None) -> str:
+def _method(t: PlannedTensor, quantizer: str, imatrix: Imatrix | None,
+            self_imatrix: bool = False) -> str:
     """How a tensor will be made, for --dry-run: copy, reference, search or search+imatrix."""
     if t.type in (T.F32, T.F16):
         return "convert"
@@ -146,12 +178,15 @@ def _method(t: PlannedTensor, quantizer: str, imatrix: Imatrix | None) -> str:
         return "reference"
     if imatrix is not None and imatrix.importance(t.name) is not None:
         return "search+imatrix"
+    if self_imatrix and t.name.startswith("blk."):  # an imatrix has every layer matrix
+        return "search+imatrix"
     return "search"
 
 
 def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedTensor],
                 outtype: str, output: Path | None, out: TextIO, quantizer: str,
-                imatrix: Imatrix | None, imatrix_path: Path | None) -> None:
+                imatrix: Imatrix | None, imatrix_path: Path | None,
+                self_imatrix: bool = False) -> None:
     p = source.params
     print(f"input:     {source.describe()}", file=out)
     if lora is not None:
@@ -172,22 +207,26 @@ def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedT
         print(f"imatrix:   {imatrix_path}: {len(imatrix)} matrices, {imatrix.chunk_count} chunks "
               f"of {imatrix.chunk_size} tokens ({', '.join(imatrix.datasets) or 'no dataset'})",
               file=out)
+    if self_imatrix:
+        print(f"imatrix:   self-generated before quantizing: {SELF_CHUNKS} chunks of "
+              f"{SELF_CTX} tokens the model samples itself (seed {SELF_SEED})", file=out)
     for t in tensors:
         print(f"  {t.name:<28} {'x'.join(map(str, t.shape)):>14}  "
               f"{source.stored_type(t.name):>8} -> {t.type.name:<6} {_human(t.nbytes):>10}  "
-              f"{_method(t, quantizer, imatrix)}", file=out)
+              f"{_method(t, quantizer, imatrix, self_imatrix)}", file=out)
 
 
 def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q4_0",
             lora: str | Path | None = None, force: bool = False, dry_run: bool = False,
             n_threads: int | None = None, progress: bool = False,
             out: TextIO | None = None, quantizer: str = DEFAULT_QUANTIZER,
-            imatrix: str | Path | None = None) -> Summary:
+            imatrix: str | Path | None = None, self_imatrix: bool = False) -> Summary:
     """Convert a Meta / Hugging Face checkpoint folder or a GGUF file to a GGUF file.
 
     The plan (--dry-run) and the summary are printed to `out` (default: stdout), the progress
     bar to stderr. quantizer: "search" (error-minimising scales) or "reference" (GGML's,
-    bit-exact); imatrix: an importance-matrix file (llama.cpp's format) weighting the search.
+    bit-exact); imatrix: an importance-matrix file (llama.cpp's format) weighting the search;
+    self_imatrix: make one first from text the model samples itself (no calibration data).
     """
     start = time.monotonic()
     out = out if out is not None else sys.stdout
@@ -203,6 +242,11 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
         raise ConvertError(f"--quantizer {quantizer!r}, expected one of {', '.join(QUANTIZERS)}")
     im = None
     imatrix_path = Path(imatrix) if imatrix is not None else None
+    if self_imatrix and imatrix_path is not None:
+        raise ConvertError("--self-imatrix and --imatrix both given: use one importance matrix")
+    if self_imatrix and quantizer != "search":
+        raise ConvertError("--self-imatrix needs --quantizer search (the reference quantizers "
+                           "take no importance)")
     if imatrix_path is not None:
         if quantizer != "search":
             raise ConvertError("--imatrix needs --quantizer search (the reference quantizers "
@@ -231,7 +275,8 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
     tensor_bytes = sum(t.nbytes for t in tensors)
     types = dict(Counter(t.type.name for t in tensors))
     if dry_run:
-        _print_plan(source, adapter, tensors, outtype, output, out, quantizer, im, imatrix_path)
+        _print_plan(source, adapter, tensors, outtype, output, out, quantizer, im, imatrix_path,
+                    self_imatrix)
         if missing:
             print(f"note: {missing}; writing this file would fail", file=out)
         print("dry run: inputs checked, nothing written", file=out)
@@ -239,6 +284,12 @@ def convert(input_path: str | Path, output: str | Path | None, outtype: str = "q
     assert output is not None
     if missing:
         raise ConvertError(missing)
+    if self_imatrix:
+        im = _self_generated_imatrix(Path(input_path), lora, output, n_threads, progress, out)
+        entries += [kv.string("quantize.imatrix.file", "(self-generated)"),
+                    kv.i32("quantize.imatrix.entries_count", len(im)),
+                    kv.i32("quantize.imatrix.chunks_count", im.chunk_count),
+                    kv.string("quantize.imatrix.dataset", im.datasets[-1])]
     file_bytes = write_gguf(output, entries, tensors, _producer(source, adapter, n_threads, quantizer, im),
                             force=force, progress=progress)
     summary = Summary(output, n_params, tensor_bytes, file_bytes, time.monotonic() - start, types)

@@ -8,7 +8,7 @@ imports the native extension.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -48,14 +48,37 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+class _Dequantized(Mapping[str, np.ndarray]):
+    """A model file's tensors as float32 arrays, dequantized at each access."""
+
+    def __init__(self, mf: ModelFile) -> None:
+        self._tensors = mf.tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        return dequantize(t.data, t.type, t.cols)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 class ReferenceModel:
     """numpy forward pass over a validated GGUF file; see `alpaca_cpu.Model` for the API."""
 
-    def __init__(self, path: str | os.PathLike[str] | ModelFile, n_ctx: int = 2048) -> None:
+    def __init__(self, path: str | os.PathLike[str] | ModelFile, n_ctx: int = 2048,
+                 keep_weights: bool = True) -> None:
+        """keep_weights=False dequantizes each weight when it is used instead of once: slower
+        per pass, but memory stays at the mapped file plus one float32 matrix (a 7B model's
+        float32 weights alone would take 28 GB)."""
         mf = path if isinstance(path, ModelFile) else open_model_file(path)
         self.config: ModelConfig = mf.config
         self.n_ctx = n_ctx
-        self.w = {name: dequantize(t.data, t.type, t.cols) for name, t in mf.tensors.items()}
+        self.w: Mapping[str, np.ndarray] = _Dequantized(mf)
+        if keep_weights:
+            self.w = {name: self.w[name] for name in mf.tensors}
         self.rope_divisors = mf.rope_divisors()
         c = self.config
         self.k_cache = np.zeros((c.n_layers, n_ctx, c.n_kv_heads, c.head_dim), np.float32)

@@ -83,7 +83,7 @@ def self_generated_imatrix(model_path: str | Path, n_chunks: int = DEFAULT_CHUNK
                            progress: bool = True) -> Imatrix:
     """The importance matrix of the model over n_chunks chunks of text it samples itself."""
     tokens = sample_tokens(model_path, n_chunks, n_ctx, seed, n_threads, progress)
-    model = ReferenceModel(model_path, n_ctx=n_ctx)
+    model = ReferenceModel(model_path, n_ctx=n_ctx, keep_weights=False)
     return collect(model, tokens, n_ctx, None, n_chunks,
                    dataset=f"{DATASET_NAME} (seed {seed})", progress=progress)
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             tok = Tokenizer.from_metadata(mf.metadata)
             tokens = tok.encode(text)
             check_length(len(tokens), args.ctx_size)  # before the weights are dequantized
-            model = ReferenceModel(mf, n_ctx=args.ctx_size)
+            model = ReferenceModel(mf, n_ctx=args.ctx_size, keep_weights=False)
             bos_id = tok.bos_id if tok.add_bos else None
             im = collect(model, tokens, args.ctx_size, bos_id, args.chunks,
                          dataset=Path(args.file).name, progress=not args.quiet)

@@ -2,7 +2,7 @@
 
     python benchmarks/convert_tinyllama.py [--outtype q4_0] [--dtype bf16] [--threads N]
                                            [--layers 22] [--workdir DIR] [--keep]
-                                           [--quantizer search|reference]
+                                           [--quantizer search|reference] [--self-imatrix]
 
 Writes a Hugging Face LlamaForCausalLM folder with random weights (22 layers, dim 2048, 32
 heads, 4 KV heads, FFN 5632, vocab 32000; one model.safetensors written tensor by tensor, so
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quantizer", choices=["search", "reference"], default="search",
                     help="convert-weights --quantizer (default search, its default)")
+    ap.add_argument("--self-imatrix", action="store_true",
+                    help="convert-weights --self-imatrix (the model samples its own calibration "
+                         "text first: a temporary F16 GGUF, the engine, the numpy forward pass)")
     ap.add_argument("--layers", type=int, default=SHAPE["n_layers"])
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to put the checkpoint and output (default: a temporary folder)")
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
            "--outtype", args.outtype, "--quantizer", args.quantizer, "--force", "-q"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.self_imatrix:
+        cmd.append("--self-imatrix")
     code, wall_s, peak_kib, stdout, stderr = run_measured(cmd, env, work)
     if code != 0:
         print(stderr, file=sys.stderr)
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                        "bytes": (ckpt / "model.safetensors").stat().st_size},
         "outtype": args.outtype,
         "quantizer": args.quantizer,
+        "self_imatrix": args.self_imatrix,
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "make_checkpoint_s": round(make_s, 1),

@@ -423,7 +423,7 @@ def test_compare_prefill_at_depth_derivation(compare: ModuleType) -> None:
     assert [compare.test_label(r) for r in theirs] == ["pp1000", "pp1064"]
     ours = [{"n_threads": 2, "api": "model", "isa": "avx2", "n_prompt": p, "n_gen": 0,
              "n_depth": d, "avg_ts": 300.0}]
-    [row] = compare.ratios(ours, [*theirs, pp], 0, "m.gguf")
+    [row] = compare.comparison_rows(ours, {"llama.cpp": [*theirs, pp]}, 0, "m.gguf")
     assert row["test"] == "pp64 @ d1000"
     assert row["ratio"] == pytest.approx(300.0 / (p / 0.4), rel=DERIVED_TS_RTOL)
 
@@ -448,21 +448,159 @@ def test_compare_decode_at_depth_from_batched_bench(compare: ModuleType) -> None
     assert tg["avg_ns"] == pytest.approx(3e9, rel=DERIVED_TS_RTOL)
 
 
+def our_record(isa: str, n_prompt: int, n_gen: int, avg_ts: float) -> dict[str, Any]:
+    """The fields of an alpaca-bench -o json record that compare_llama_cpp reads."""
+    return {"n_threads": 2, "api": "model", "isa": isa, "n_prompt": n_prompt, "n_gen": n_gen,
+            "n_depth": 0, "avg_ts": avg_ts}
+
+
+def engine_record(n_prompt: int, n_gen: int, avg_ts: float) -> dict[str, Any]:
+    return {**llama_bench_record(n_prompt, n_gen, 10**9), "avg_ts": avg_ts}
+
+
 def test_compare_summary_per_isa(compare: ModuleType) -> None:
     """--isa: each of our ISAs is its own comparison with llama.cpp, and also a ratio to the
     first ISA named, per test; medians over rounds."""
     rows = []
     for round_no, (avx2, avx512) in enumerate([(100.0, 150.0), (110.0, 160.0), (90.0, 170.0)]):
+        theirs = {"llama.cpp": [engine_record(512, 0, 50.0)]}
         for isa, ts in (("avx2", avx2), ("avx512_vnni", avx512)):
-            rows.append({"round": round_no, "model": "m.gguf", "n_threads": 2, "test": "pp512",
-                         "api": "model", "isa": isa, "alpaca_ts": ts, "llama_cpp_ts": 50.0,
-                         "ratio": ts / 50.0})
+            rows += compare.comparison_rows([our_record(isa, 512, 0, ts)], theirs, round_no,
+                                            "m.gguf")
     base, wide = compare.summarize(rows)
     assert (base["isa"], base["alpaca_ts"], base["ratio"]) == ("avx2", 100.0, 2.0)
+    assert base["llama_cpp_ts"] == 50.0 and base["engines"]["llama.cpp"]["rounds"] == 3
     assert "isa_ratio" not in base
     assert (wide["isa"], wide["alpaca_ts"], wide["vs_isa"]) == ("avx512_vnni", 160.0, "avx2")
     assert wide["isa_ratio"] == pytest.approx(1.6, rel=DERIVED_TS_RTOL)
     assert wide["rounds"] == 3
+
+
+def test_compare_best_engine_per_round(compare: ModuleType) -> None:
+    """ours / the best engine is taken round by round: the engine with the highest t/s in that
+    round, whichever it is; ours / each engine too, and medians over rounds."""
+    speeds = [{"a": 100.0, "b": 80.0}, {"a": 90.0, "b": 120.0}, {"a": 110.0, "b": 60.0}]
+    rows = []
+    for round_no, by_engine in enumerate(speeds):
+        theirs = {name: [engine_record(0, 16, ts)] for name, ts in by_engine.items()}
+        ours = [{**our_record("avx2", 0, 16, 60.0), "bandwidth_gbs": 10.0,
+                 "bytes_per_token": 10**8, "bandwidth_fraction": 0.6}]
+        [row] = compare.comparison_rows(ours, theirs, round_no, "m.gguf")
+        best = max(by_engine, key=by_engine.__getitem__)
+        assert (row["best_engine"], row["best_engine_ts"]) == (best, by_engine[best])
+        assert row["ratio_vs_best"] == pytest.approx(60.0 / by_engine[best],
+                                                     rel=DERIVED_TS_RTOL)
+        for name, ts in by_engine.items():
+            assert row["engines"][name]["ratio"] == pytest.approx(60.0 / ts, rel=DERIVED_TS_RTOL)
+            assert row["engines"][name]["bandwidth_fraction"] == pytest.approx(
+                ts * 1e8 / 10e9, rel=DERIVED_TS_RTOL)
+        assert "llama_cpp_ts" not in row and "ratio" not in row  # no engine named llama.cpp
+        rows.append(row)
+    [s] = compare.summarize(rows)
+    assert s["best_engine_rounds"] == {"a": 2, "b": 1}
+    assert s["best_engine_ts"] == 110.0  # median of 100, 120, 110
+    assert s["ratio_vs_best"] == pytest.approx(60.0 / 110.0, rel=DERIVED_TS_RTOL)
+    assert s["engines"]["a"]["ts"] == 100.0 and s["engines"]["b"]["ts"] == 80.0
+    assert s["engines"]["b"]["ratio"] == pytest.approx(60.0 / 80.0, rel=DERIVED_TS_RTOL)
+
+
+# Stand-ins for a llama-bench that takes -rtr (ik_llama.cpp's) and for alpaca-bench: records at
+# fixed speeds (the engine twice as fast with -rtr 1), each run logged to LOG in running order.
+FAKE_RTR_BENCH = """#!{python}
+import json, sys
+a = sys.argv
+p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
+rtr = int(a[a.index("-rtr") + 1]) if "-rtr" in a else 0
+with open({log!r}, "a") as f:
+    f.write(f"rtr{{rtr}}\\n")
+print(json.dumps([{{"build_commit": f"fake{{rtr}}", "n_threads": int(a[a.index("-t") + 1]),
+                   "n_prompt": pp, "n_gen": tg, "avg_ts": 100.0 * (1 + rtr) / (1 + 9 * (tg > 0))}}
+                  for pp, tg in ((p, 0), (0, n))]))
+"""
+FAKE_ALPACA_BENCH = """#!{python}
+import json, sys
+a = sys.argv
+p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
+with open({log!r}, "a") as f:
+    f.write("alpaca\\n")
+print(json.dumps([{{"n_threads": int(a[a.index("-t") + 1]), "api": "model", "isa": "fake",
+                   "n_prompt": pp, "n_gen": tg, "n_depth": 0, "avg_ts": 150.0 if pp else 15.0}}
+                  for pp, tg in ((p, 0), (0, n))]))
+"""
+
+
+def fake_script(path: Path, template: str, log: Path) -> Path:
+    path.write_text(template.format(python=sys.executable, log=str(log)))
+    path.chmod(0o755)
+    return path
+
+
+def test_compare_several_engines_interleaved(compare: ModuleType, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--engine, twice: every side runs once per round in an order rotated each round, the extra
+    arguments reach their engine, and ours is compared with each engine and the best of them."""
+    log = tmp_path / "order.log"
+    engine = fake_script(tmp_path / "llama-bench", FAKE_RTR_BENCH, log)
+    ours = fake_script(tmp_path / "alpaca-bench", FAKE_ALPACA_BENCH, log)
+    monkeypatch.setattr(compare, "alpaca_bench_cmd",
+                        lambda model, n_threads, a: [str(ours), "-m", model, "-t",
+                                                     str(n_threads), "-p", str(a.n_prompt),
+                                                     "-n", str(a.n_gen)])
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    code = compare.main(["-m", str(model), "-t", "1", "-p", "8", "-n", "4", "-r", "1",
+                         "--rounds", "3", "--engine", f"llama.cpp={engine}", "--engine",
+                         f"ik-rtr1={engine},-rtr,1", "--out-dir", str(tmp_path), "--name", "x"])
+    assert code == 0, capsys.readouterr().err
+    assert log.read_text().split() == ["rtr0", "rtr1", "alpaca",
+                                       "rtr1", "alpaca", "rtr0",
+                                       "alpaca", "rtr0", "rtr1"]
+    result = json.loads((tmp_path / "x.json").read_text())
+    assert result["engines"] == [
+        {"name": "llama.cpp", "path": str(engine), "args": [], "build_commit": ["fake0"]},
+        {"name": "ik-rtr1", "path": str(engine), "args": ["-rtr", "1"], "build_commit": ["fake1"]}]
+    assert [len(records) for records in result["engine_records"].values()] == [6, 6]
+    assert len(result["ratios"]) == 6  # 3 rounds, pp8 and tg4
+    expected = {"pp8": (150.0, {"llama.cpp": 100.0, "ik-rtr1": 200.0}),
+                "tg4": (15.0, {"llama.cpp": 10.0, "ik-rtr1": 20.0})}
+    assert sorted(s["test"] for s in result["summary"]) == sorted(expected)
+    for s in result["summary"]:
+        ours_ts, theirs = expected[s["test"]]
+        assert s["rounds"] == 3 and s["alpaca_ts"] == ours_ts
+        for name, ts in theirs.items():
+            assert s["engines"][name]["ts"] == ts
+            assert s["engines"][name]["ratio"] == pytest.approx(ours_ts / ts)
+        assert s["best_engine_rounds"] == {"ik-rtr1": 3}
+        assert s["ratio_vs_best"] == pytest.approx(ours_ts / theirs["ik-rtr1"])
+        # the fields of files written before --engine, from the engine named llama.cpp
+        assert s["llama_cpp_ts"] == theirs["llama.cpp"]
+        assert s["ratio"] == s["engines"]["llama.cpp"]["ratio"]
+    assert result["llama_bench"] == str(engine) and result["llama_cpp_build"] == ["fake0"]
+    assert result["llama_cpp"] == result["engine_records"]["llama.cpp"]
+    assert "ours / best" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "a=ENGINE", "--engine", "a=ENGINE"], "engine name 'a' given twice"),
+    (["--engine", "a=ENGINE", "--engine", "b=ENGINE", "-d", "100"], "-d compares with one engine"),
+    (["--engine", "a=ENGINE,-rtr,1", "-d", "100"], "-d compares with one engine"),
+    (["--engine", "a=ENGINE", "--llama-bench", "ENGINE"], "not both"),
+    (["--engine", "ENGINE"], "expected NAME=PATH"),
+    (["--engine", "alpaca=ENGINE"], "are ours"),
+    (["--engine", "a=/nonexistent/llama-bench"], "is not an executable file"),
+])
+def test_compare_refuses_bad_engines(compare: ModuleType, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str], args: list[str],
+                                     message: str) -> None:
+    engine = fake_script(tmp_path / "llama-bench", FAKE_RTR_BENCH, tmp_path / "log")
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["-m", str(model), *(arg.replace("ENGINE", str(engine)) for arg in args)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "log").exists()
 
 
 # ---- benchmarks/make_random_model.py ---------------------------------------------------------

@@ -115,15 +115,21 @@ bool largest_signed(int n, const float* x, float& max) {
   return !(amax < kGroupMaxEps);
 }
 
-// Levels L = clamp(round(iscale * x), -nmax, nmax - 1) and their x^2-weighted sums
+// The fitting weight of x[i] in the symmetric fits: x^2 (GGML's), times importance[i] when
+// an importance row is given (the error-minimising search's candidates).
+inline float sym_weight(const float* x, const float* importance, int i) {
+  return importance ? importance[i] * (x[i] * x[i]) : x[i] * x[i];
+}
+
+// Levels L = clamp(round(iscale * x), -nmax, nmax - 1) and their weighted sums
 // sumlx = sum w x L and suml2 = sum w L^2, in element order.
-void sym_levels(int n, int nmax, const float* x, float iscale, int8_t* L, float& sumlx,
-                float& suml2) {
+void sym_levels(int n, int nmax, const float* x, const float* imp, float iscale, int8_t* L,
+                float& sumlx, float& suml2) {
   sumlx = suml2 = 0;
   for (int i = 0; i < n; ++i) {
     const int l = std::max(-nmax, std::min(nmax - 1, round_int(iscale * x[i])));
     L[i] = int8_t(l);
-    const float w = x[i] * x[i];
+    const float w = sym_weight(x, imp, i);
     sumlx += w * x[i] * l;
     suml2 += w * l * l;
   }
@@ -131,28 +137,28 @@ void sym_levels(int n, int nmax, const float* x, float iscale, int8_t* L, float&
 
 // The start of both symmetric fits: levels for the scale -nmax / max and their sums; false
 // (levels 0) for an all-zero group.
-bool start_sym_fit(int n, int nmax, const float* x, int8_t* L, float& max, float& sumlx,
-                   float& suml2) {
+bool start_sym_fit(int n, int nmax, const float* x, const float* imp, int8_t* L, float& max,
+                   float& sumlx, float& suml2) {
   if (!largest_signed(n, x, max)) {
     for (int i = 0; i < n; ++i) L[i] = 0;
     return false;
   }
-  sym_levels(n, nmax, x, -nmax / max, L, sumlx, suml2);
+  sym_levels(n, nmax, x, imp, -nmax / max, L, sumlx, suml2);
   return true;
 }
 
 // Symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2: the scale -nmax / max
 // and 18 neighbours -(nmax + 0.1 is) / max, keeping the best least-squares one (Q6_K).
-float fit_scale_sym(int n, int nmax, const float* x, int8_t* L) {
+float fit_scale_sym(int n, int nmax, const float* x, const float* imp, int8_t* L) {
   float max, sumlx, suml2;
-  if (!start_sym_fit(n, nmax, x, L, max, sumlx, suml2)) return 0.0f;
+  if (!start_sym_fit(n, nmax, x, imp, L, max, sumlx, suml2)) return 0.0f;
   for (int i = 0; i < n; ++i) L[i] = int8_t(L[i] + nmax);
   float scale = suml2 ? sumlx / suml2 : 0.0f;
   float best = scale * sumlx;
   int8_t Laux[32];
   for (int is = -9; is <= 9; ++is) {
     if (is == 0) continue;
-    sym_levels(n, nmax, x, -(nmax + 0.1f * is) / max, Laux, sumlx, suml2);
+    sym_levels(n, nmax, x, imp, -(nmax + 0.1f * is) / max, Laux, sumlx, suml2);
     if (suml2 > 0 && sumlx * sumlx > best * suml2) {
       for (int i = 0; i < n; ++i) L[i] = int8_t(Laux[i] + nmax);
       scale = sumlx / suml2;
@@ -164,13 +170,13 @@ float fit_scale_sym(int n, int nmax, const float* x, int8_t* L) {
 
 // Symmetric fit for Q3_K: levels from -nmax / max, then up to 5 passes that move single
 // levels while the weighted (x^2) least-squares fit improves. L in [0, 2 nmax) on return.
-float fit_scale_q3(int n, int nmax, const float* x, int8_t* L) {
+float fit_scale_q3(int n, int nmax, const float* x, const float* imp, int8_t* L) {
   float max, sumlx, suml2;
-  if (!start_sym_fit(n, nmax, x, L, max, sumlx, suml2)) return 0.0f;
+  if (!start_sym_fit(n, nmax, x, imp, L, max, sumlx, suml2)) return 0.0f;
   for (int pass = 0; pass < 5; ++pass) {
     int changed = 0;
     for (int i = 0; i < n; ++i) {
-      const float w = x[i] * x[i];
+      const float w = sym_weight(x, imp, i);
       float slx = sumlx - w * x[i] * L[i];
       if (slx > 0) {
         float sl2 = suml2 - w * L[i] * L[i];
@@ -196,12 +202,13 @@ float fit_scale_q3(int n, int nmax, const float* x, int8_t* L) {
 
 // Fits each of the 16 sub-blocks of 16 of a super-block (Q3_K, Q6_K) and returns the signed
 // scale of largest magnitude (the first on a tie); amax: that magnitude.
-template <float (*Fit)(int, int, const float*, int8_t*)>
-float fit_subblocks(const float* x, int nmax, int8_t* L, float* scales, float& amax) {
+template <float (*Fit)(int, int, const float*, const float*, int8_t*)>
+float fit_subblocks(const float* x, const float* imp, int nmax, int8_t* L, float* scales,
+                    float& amax) {
   float max_scale = 0;
   amax = 0;
   for (int j = 0; j < 16; ++j) {
-    scales[j] = Fit(16, nmax, x + 16 * j, L + 16 * j);
+    scales[j] = Fit(16, nmax, x + 16 * j, imp ? imp + 16 * j : nullptr, L + 16 * j);
     const float a = std::fabs(scales[j]);
     if (a > amax) { amax = a; max_scale = scales[j]; }
   }
@@ -264,7 +271,8 @@ void pack_k4_scales(const float* scales, const float* mins, float max_scale, flo
 // Q4_K and Q5_K levels (nmax 15 or 31) of one super-block: fit each sub-block of 32, quantize
 // its scale and min, then requantize the weights against the stored ones.
 template <typename Block>
-void quantize_k4_levels(const float* x, Block& y, uint8_t* L, int nmax, float rmin, int nstep) {
+void quantize_k4_levels(const float* x, const float* imp, Block& y, uint8_t* L, int nmax,
+                        float rmin, int nstep) {
   float scales[8], mins[8], weights[32];
   uint8_t Laux[32];
   float max_scale = 0, max_min = 0;
@@ -274,6 +282,8 @@ void quantize_k4_levels(const float* x, Block& y, uint8_t* L, int nmax, float rm
     for (int l = 0; l < 32; ++l) sum_x2 += xj[l] * xj[l];
     const float av_x = std::sqrt(sum_x2 / 32);
     for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xj[l]);
+    if (imp)
+      for (int l = 0; l < 32; ++l) weights[l] *= imp[32 * j + l];
     scales[j] = fit_scale_min(32, nmax, xj, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f,
                               nstep, false);
     if (scales[j] > max_scale) max_scale = scales[j];
@@ -419,11 +429,11 @@ void quantize_row_q2_K(const float* x, block_q2_K* y, int64_t k) {
   }
 }
 
-void quantize_row_q3_K(const float* x, block_q3_K* y, int64_t k) {
-  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+void quantize_row_q3_K_weighted(const float* x, block_q3_K* y, int64_t k, const float* imp) {
+  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K, imp = imp ? imp + QK_K : nullptr) {
     int8_t L[QK_K];
     float scales[16], amax;
-    const float max_scale = fit_subblocks<fit_scale_q3>(x, 4, L, scales, amax);
+    const float max_scale = fit_subblocks<fit_scale_q3>(x, imp, 4, L, scales, amax);
     block_q3_K& o = y[b];
     std::memset(o.scales, 0, 12);
     if (max_scale) {
@@ -461,20 +471,20 @@ void quantize_row_q3_K(const float* x, block_q3_K* y, int64_t k) {
   }
 }
 
-void quantize_row_q4_K(const float* x, block_q4_K* y, int64_t k) {
-  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+void quantize_row_q4_K_weighted(const float* x, block_q4_K* y, int64_t k, const float* imp) {
+  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K, imp = imp ? imp + QK_K : nullptr) {
     uint8_t L[QK_K];
-    quantize_k4_levels(x, y[b], L, 15, -1.f, 20);
+    quantize_k4_levels(x, imp, y[b], L, 15, -1.f, 20);
     for (int h = 0; h < 4; ++h)
       for (int l = 0; l < 32; ++l)
         y[b].qs[32 * h + l] = uint8_t(L[64 * h + l] | (L[64 * h + 32 + l] << 4));
   }
 }
 
-void quantize_row_q5_K(const float* x, block_q5_K* y, int64_t k) {
-  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+void quantize_row_q5_K_weighted(const float* x, block_q5_K* y, int64_t k, const float* imp) {
+  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K, imp = imp ? imp + QK_K : nullptr) {
     uint8_t L[QK_K];
-    quantize_k4_levels(x, y[b], L, 31, -0.5f, 15);
+    quantize_k4_levels(x, imp, y[b], L, 31, -0.5f, 15);
     std::memset(y[b].qh, 0, QK_K / 8);
     for (int h = 0; h < 4; ++h)
       for (int l = 0; l < 32; ++l) {
@@ -485,11 +495,11 @@ void quantize_row_q5_K(const float* x, block_q5_K* y, int64_t k) {
   }
 }
 
-void quantize_row_q6_K(const float* x, block_q6_K* y, int64_t k) {
-  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+void quantize_row_q6_K_weighted(const float* x, block_q6_K* y, int64_t k, const float* imp) {
+  for (int64_t b = 0; b < k / QK_K; b++, x += QK_K, imp = imp ? imp + QK_K : nullptr) {
     int8_t L[QK_K];
     float scales[16], max_abs_scale;
-    const float max_scale = fit_subblocks<fit_scale_sym>(x, 32, L, scales, max_abs_scale);
+    const float max_scale = fit_subblocks<fit_scale_sym>(x, imp, 32, L, scales, max_abs_scale);
     block_q6_K& o = y[b];
     if (max_abs_scale < kGroupMaxEps) {
       std::memset(&o, 0, sizeof(o));
@@ -515,6 +525,19 @@ void quantize_row_q6_K(const float* x, block_q6_K* y, int64_t k) {
                                    ((Lh[96] >> 4) << 6));
       }
   }
+}
+
+void quantize_row_q3_K(const float* x, block_q3_K* y, int64_t k) {
+  quantize_row_q3_K_weighted(x, y, k, nullptr);
+}
+void quantize_row_q4_K(const float* x, block_q4_K* y, int64_t k) {
+  quantize_row_q4_K_weighted(x, y, k, nullptr);
+}
+void quantize_row_q5_K(const float* x, block_q5_K* y, int64_t k) {
+  quantize_row_q5_K_weighted(x, y, k, nullptr);
+}
+void quantize_row_q6_K(const float* x, block_q6_K* y, int64_t k) {
+  quantize_row_q6_K_weighted(x, y, k, nullptr);
 }
 
 void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k) {

@@ -22,6 +22,14 @@ void quantize_row_q5_K(const float* x, block_q5_K* y, int64_t k);
 void quantize_row_q6_K(const float* x, block_q6_K* y, int64_t k);
 void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k);
 
+// The same K-quant fits with each weight's fitting weight multiplied by importance[i] (k
+// values, >= 0): the error-minimising search's candidates for these types (quant_search.cpp).
+// nullptr gives the reference bytes.
+void quantize_row_q3_K_weighted(const float* x, block_q3_K* y, int64_t k, const float* importance);
+void quantize_row_q4_K_weighted(const float* x, block_q4_K* y, int64_t k, const float* importance);
+void quantize_row_q5_K_weighted(const float* x, block_q5_K* y, int64_t k, const float* importance);
+void quantize_row_q6_K_weighted(const float* x, block_q6_K* y, int64_t k, const float* importance);
+
 void dequantize_row_q5_0(const block_q5_0* x, float* y, int64_t k);
 void dequantize_row_q5_1(const block_q5_1* x, float* y, int64_t k);
 void dequantize_row_iq4_nl(const block_iq4_nl* x, float* y, int64_t k);

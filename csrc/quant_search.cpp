@@ -9,6 +9,8 @@
 // reference quantizer's own block is a candidate too and wins ties.
 #include "quant_search.h"
 
+#include "ggml_quants.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -177,12 +179,13 @@ void pack(GgmlType t, const Candidate& c, void* out) {
   }
 }
 
-// The weighted error of an already-written block (the reference quantizer's).
-double block_error(const TypeTraits& tt, const void* block, const float* x, const float* w) {
-  float y[QK];
-  tt.to_float(block, y, QK);
+// The weighted error of an already-written block of n weights (the reference quantizer's).
+double block_error(const TypeTraits& tt, const void* block, const float* x, const float* w,
+                   int n = QK) {
+  float y[QK_K];
+  tt.to_float(block, y, n);
   double err = 0;
-  for (int i = 0; i < QK; i++) {
+  for (int i = 0; i < n; i++) {
     const double diff = double(x[i]) - double(y[i]);
     err += double(w[i]) * diff * diff;
   }
@@ -222,6 +225,42 @@ void quantize_block(GgmlType t, const TypeTraits& tt, const Format& f, const flo
   if (block_error(tt, candidate, x, w) < ref_err) std::memcpy(out, candidate, tt.type_size);
 }
 
+// The K-quants: GGML's own sub-block fits, with each weight's fitting weight multiplied by
+// its importance, give the candidate; the reference super-block is the other one, and the
+// smaller weighted error wins (ties: the reference). Without importance: the reference.
+using WeightedK = void (*)(const float*, void*, int64_t, const float*);
+
+template <typename Block, void (*Fn)(const float*, Block*, int64_t, const float*)>
+void weighted_k(const float* x, void* y, int64_t k, const float* importance) {
+  Fn(x, static_cast<Block*>(y), k, importance);
+}
+
+WeightedK weighted_k_of(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q3_K: return weighted_k<block_q3_K, quantize_row_q3_K_weighted>;
+    case GgmlType::Q4_K: return weighted_k<block_q4_K, quantize_row_q4_K_weighted>;
+    case GgmlType::Q5_K: return weighted_k<block_q5_K, quantize_row_q5_K_weighted>;
+    case GgmlType::Q6_K: return weighted_k<block_q6_K, quantize_row_q6_K_weighted>;
+    default: return nullptr;
+  }
+}
+
+void quantize_superblocks(const TypeTraits& tt, WeightedK fit, const float* x, uint8_t* out,
+                          int64_t k, const float* importance) {
+  tt.from_float(x, out, k);
+  if (!importance) return;
+  uint8_t candidate[sizeof(block_q6_K)];  // the largest of the four block types
+  static_assert(sizeof(block_q6_K) >= sizeof(block_q5_K), "candidate buffer too small");
+  for (int64_t b = 0; b < k / QK_K; b++) {
+    const float* xb = x + b * QK_K;
+    const float* wb = importance + b * QK_K;
+    uint8_t* ob = out + b * tt.type_size;
+    fit(xb, candidate, QK_K, wb);
+    if (block_error(tt, candidate, xb, wb, QK_K) < block_error(tt, ob, xb, wb, QK_K))
+      std::memcpy(ob, candidate, tt.type_size);
+  }
+}
+
 }  // namespace
 
 bool has_search_quantizer(GgmlType t) {
@@ -230,14 +269,18 @@ bool has_search_quantizer(GgmlType t) {
     case GgmlType::Q8_0:
       return true;
     default:
-      return false;
+      return weighted_k_of(t) != nullptr;
   }
 }
 
 void quantize_row_search(GgmlType t, const float* x, void* y, int64_t k,
                          const float* importance) {
-  const Format f = format_of(t);
   const TypeTraits& tt = type_traits(t);
+  if (const WeightedK fit = weighted_k_of(t)) {
+    quantize_superblocks(tt, fit, x, static_cast<uint8_t*>(y), k, importance);
+    return;
+  }
+  const Format f = format_of(t);
   float ones[QK];
   std::fill(ones, ones + QK, 1.0f);
   uint8_t* out = static_cast<uint8_t*>(y);

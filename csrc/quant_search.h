@@ -1,9 +1,12 @@
-// Error-minimising quantizers for the 32-element types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: the
-// same block layouts as the reference quantizers (ggml_types.cpp, ggml_quants.cpp), but each
-// block's scale (and min) is searched to minimise the weighted squared error of the
-// dequantized weights, sum_i w_i (x_i - deq_i)^2. The reference block is always one of the
-// candidates, so the search never does worse than the reference by that measure.
-// numpy twin of the error it minimises: alpaca_cpu/quant_search.py.
+// Error-minimising quantizers, the same block layouts as the reference quantizers
+// (ggml_types.cpp, ggml_quants.cpp) with lower weighted squared error of the dequantized
+// weights, sum_i w_i (x_i - deq_i)^2:
+// - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: each block's scale (and min) is searched;
+// - Q3_K, Q4_K, Q5_K, Q6_K: GGML's sub-block fits weighted by the importance give a second
+//   candidate super-block (without importance: the reference bytes).
+// The reference block is always one of the candidates and wins ties, so the search never does
+// worse than the reference by that measure. numpy twin of the error it minimises:
+// alpaca_cpu/quant_search.py.
 #pragma once
 #include <cstdint>
 

@@ -23,7 +23,7 @@ from . import metadata as kv
 from .detect import open_source
 from .errors import ConvertError
 from .lora import LoraAdapter
-from .quant_plan import MIXES, PlannedTensor, plan, quantizable, quantizer_missing
+from .quant_plan import MIXES, PlannedTensor, block_size, plan, quantizable, quantizer_missing
 from .quantizer_names import DEFAULT_QUANTIZER, QUANTIZERS
 from .source import Source
 from .writer import check_output, write_gguf
@@ -47,9 +47,13 @@ class Summary:
 
 
 
+# Weights per K-quant super-block.
+QK_K = 256
+
+
 def uses_search(qtype: T, quantizer: str) -> bool:
-    """Whether a tensor of this type gets the error-minimising quantizer (the others, K-quants
-    and IQ4_NL, always get the reference one)."""
+    """Whether a tensor of this type gets the error-minimising quantizer (the others, Q2_K and
+    IQ4_NL, always get the reference one; Q3_K..Q6_K differ from it only with an imatrix)."""
     return quantizer == "search" and _core.has_search_quantizer(int(qtype))
 
 
@@ -180,7 +184,7 @@ def _method(t: PlannedTensor, quantizer: str, imatrix: Imatrix | None,
         return "search+imatrix"
     if self_imatrix and t.name.startswith("blk."):  # an imatrix has every layer matrix
         return "search+imatrix"
-    return "search"
+    return "reference" if block_size(t.type) == QK_K else "search"  # K-quants need importance
 
 
 def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedTensor],
@@ -202,7 +206,8 @@ def _print_plan(source: Source, lora: LoraAdapter | None, tensors: list[PlannedT
           f"{len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))} of weights", file=out)
     print(f"quantizer: {quantizer} ("
           f"{'error-minimising scales' if quantizer == 'search' else 'GGML reference, bit-exact'}"
-          f" for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; K-quants and IQ4_NL: reference)", file=out)
+          f" for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; Q3_K-Q6_K: importance-weighted fits with an "
+          f"imatrix, else reference; Q2_K, IQ4_NL: reference)", file=out)
     if imatrix is not None:
         print(f"imatrix:   {imatrix_path}: {len(imatrix)} matrices, {imatrix.chunk_count} chunks "
               f"of {imatrix.chunk_size} tokens ({', '.join(imatrix.datasets) or 'no dataset'})",

@@ -19,20 +19,16 @@ import time
 
 import numpy as np
 
+from .sampling import SamplingParams, sample
+
 # Chunks of n_ctx tokens sampled by default. SmolLM2 Q4_0 perplexity with 1, 2 and 4 chunks
 # (seeds 0-3): 24.57-24.67, no trend with the count (a held-out human text: 24.55); 2 is a
 # margin over 1 for larger models, and each chunk costs a float forward pass.
 DEFAULT_CHUNKS = 2
 DEFAULT_SEED = 0
 DATASET_NAME = "self-generated"
-
-
-def _draw(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from softmax(logits) (temperature 1, every token allowed), float64 CDF."""
-    x = logits.astype(np.float64)
-    p = np.exp(x - x.max())
-    cdf = np.cumsum(p)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+# The model's own distribution: temperature 1 and none of the sampler's truncations.
+UNFILTERED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_last_n=0)
 
 
 def sample_tokens(model_path: str | os.PathLike[str], n_chunks: int = DEFAULT_CHUNKS,
@@ -61,7 +57,7 @@ def sample_tokens(model_path: str | os.PathLike[str], n_chunks: int = DEFAULT_CH
         ids = [start]
         while len(ids) < n_ctx:
             logits = model.forward([ids[-1]], start_pos=len(ids) - 1)
-            t = _draw(logits, rng)
+            t = sample(logits, UNFILTERED, rng)
             ids.append(start if t in ends else t)
         tokens += ids
         if progress:

@@ -19,7 +19,8 @@ from alpaca_cpu.cli.imatrix import main as imatrix_main
 from alpaca_cpu.cli.imatrix import self_generated_imatrix
 from alpaca_cpu.gguf_file import open_model_file
 from alpaca_cpu.imatrix import read_imatrix, write_imatrix
-from alpaca_cpu.self_calibration import _draw, sample_tokens
+from alpaca_cpu.sampling import sample
+from alpaca_cpu.self_calibration import UNFILTERED, sample_tokens
 from alpaca_cpu.tokenizer import Tokenizer
 
 N_CTX = 24  # small chunks: the tests check the mechanics, the README the quality
@@ -49,15 +50,18 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(converter, "SELF_CTX", N_CTX)
 
 
-def test_draw_follows_the_softmax() -> None:
-    # p = (0.25, 0.75, 0): 4000 draws; the binomial sd of a frequency is 0.0068, so 0.03 is
-    # ~4.4 sd (a wrong temperature, e.g. logits * 2 -> p = 0.1 / 0.9, is 22 sd away).
+def test_draws_follow_the_model_distribution_untruncated() -> None:
+    """Token 0 has half the mass, 99 others share the rest (0.005 each: what top-k 40, top-p
+    0.95 or min-p 0.05 would cut). 4000 draws: the binomial sd of a frequency near 0.5 is
+    0.0079, so 0.03 is 3.8 sd; with truncation token 0 would take ~100 %, at temperature 2 ~9 %.
+    """
     tolerance = 0.03
     rng = np.random.default_rng(0)
-    logits = np.array([0.0, np.log(3.0), -1e30], dtype=np.float32)
-    draws = np.array([_draw(logits, rng) for _ in range(4000)])
-    assert (draws != 2).all()
-    assert abs((draws == 1).mean() - 0.75) < tolerance
+    logits = np.full(100, np.log(0.5 / 99), dtype=np.float32)
+    logits[0] = np.log(0.5)
+    draws = np.array([sample(logits, UNFILTERED, rng) for _ in range(4000)])
+    assert abs((draws == 0).mean() - 0.5) < tolerance
+    assert len(set(draws.tolist())) > 90  # the tail is drawn too
 
 
 def test_tokens_are_seeded_start_at_bos_and_do_not_depend_on_threads(tiny_f32: Path) -> None:

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_VERSION
 
 from alpaca_cpu import _core
+from alpaca_cpu.ggml_types import QK_K
 from alpaca_cpu.self_calibration import DEFAULT_CHUNKS, DEFAULT_SEED
 from alpaca_cpu.system import physical_cores
 
@@ -45,10 +46,6 @@ class Summary:
     def bits_per_weight(self) -> float:
         return 8 * self.tensor_bytes / self.n_params
 
-
-
-# Weights per K-quant super-block.
-QK_K = 256
 
 
 def uses_search(qtype: T, quantizer: str) -> bool:

@@ -930,6 +930,7 @@ static void gemm_panel8_k(int64_t n, const void* w, size_t w_stride, int64_t n_r
 static bool panel8_applies(GgmlType t) {
   switch (t) {
     case GgmlType::Q4_0: case GgmlType::Q4_1: case GgmlType::Q8_0:
+    case GgmlType::Q5_0: case GgmlType::Q5_1: case GgmlType::IQ4_NL:
     case GgmlType::Q4_K: case GgmlType::Q6_K:
     case GgmlType::Q5_K: case GgmlType::Q3_K: case GgmlType::Q2_K:
       return true;
@@ -1211,11 +1212,10 @@ static void set_k_dot(KernelTable& t, GgmlType type) {
 }
 
 // --- 5-bit and non-linear 4-bit blocks of 32 (Q5_0, Q5_1, IQ4_NL): the Q4_K_M mix's Q5_0 rows ---
-// Each weight block is expanded once to 32 int8 weights in one register, in weight order
-// (bytes 0..15: low nibbles, weights 0..15; bytes 16..31: high nibbles, weights 16..31), then
-// multiplied with up to 4 tokens' activation blocks. Per token and block: an exact int32 sum
-// (8 lanes), converted and accumulated with d_w * d_a by one FMA; the same operations in the
-// same order whether a token runs alone (dot) or with others (gemm), so dot == gemm exactly.
+// The dot product of one GGML row: each weight block is expanded once to 32 int8 weights in one
+// register, in weight order (bytes 0..15: low nibbles, weights 0..15; bytes 16..31: high
+// nibbles, weights 16..31). Per block: an exact int32 sum (8 lanes), converted and accumulated
+// with d_w * d_a by one FMA. (The GEMM runs on panels: panel_b32 below.)
 
 // 0xff in byte j where bit j of the block's 32-bit qh (little-endian) is set, else 0.
 static inline __m256i expand_qh(const uint8_t* qh) {
@@ -1260,75 +1260,132 @@ struct Iq4nlBlock {
   }
 };
 
-// One weight row against C tokens' activation rows (act_stride bytes apart): out[c * out_stride].
 // Integer sums per block: maddubs pairs stay within int16 (|w| <= 127 signed or w <= 31
 // unsigned, |a| <= 127).
-template <typename B, int C>
-static inline void row_tokens(int64_t nb, const typename B::W* w, const uint8_t* act,
-                              size_t act_stride, float* out, int64_t out_stride) {
-  using A = typename B::A;
-  const A* a[C];
-  __m256 acc[C][2];
-  float accm[C];
-  for (int c = 0; c < C; c++) {
-    a[c] = reinterpret_cast<const A*>(act + size_t(c) * act_stride);
-    acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-    accm[c] = 0.0f;
-  }
+template <typename B>
+static float dot_block32(int64_t n, const typename B::W* w, const typename B::A* a) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  float accm = 0.0f;
   auto block = [&](int64_t b, int k) {
     const __m256i q = B::expand(w[b]);
-    const float dw = fp16_scalar(w[b].d);
-    // sign trick once per weight block: |q| (or q) unsigned, the sign moved onto a
+    // sign trick: |q| (or q) unsigned, the sign moved onto a
     const __m256i qu = B::kSigned ? _mm256_sign_epi8(q, q) : q;
-    for (int c = 0; c < C; c++) {
-      __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[c][b].qs));
-      if constexpr (B::kSigned) qa = _mm256_sign_epi8(qa, q);
-      const __m256 s = _mm256_cvtepi32_ps(dot_u8_i8(qu, qa));
-      acc[c][k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * fp16_scalar(a[c][b].d)), s, acc[c][k]);
-      if constexpr (B::kMin) accm[c] += fp16_scalar(w[b].m) * fp16_scalar(a[c][b].s);
-    }
+    __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b].qs));
+    if constexpr (B::kSigned) qa = _mm256_sign_epi8(qa, q);
+    const __m256 s = _mm256_cvtepi32_ps(dot_u8_i8(qu, qa));
+    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(fp16_scalar(w[b].d) * fp16_scalar(a[b].d)), s, acc[k]);
+    if constexpr (B::kMin) accm += fp16_scalar(w[b].m) * fp16_scalar(a[b].s);
   };
-  // even and odd blocks in two accumulators: two FMA chains even for a single token
+  // even and odd blocks in two accumulators: two FMA chains
+  const int64_t nb = n / QK;
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
     block(b, 0);
     block(b + 1, 1);
   }
   if (b < nb) block(b, 0);
-  for (int c = 0; c < C; c++) out[c * out_stride] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) + accm[c];
+  return hsum(_mm256_add_ps(acc[0], acc[1])) + accm;
 }
 
-template <typename B>
-static float dot_block32(int64_t n, const typename B::W* w, const typename B::A* a) {
-  float r;
-  row_tokens<B, 1>(n / QK, w, reinterpret_cast<const uint8_t*>(a), 0, &r, 1);
-  return r;
+// ---- The same three types in panels of 8 rows (weight_layout.h), for the GEMM ----
+// A panel block column holds the 8 rows' fp16 d (then Q5_1's m), Q5's fifth bits (32 bytes: row
+// r's qh in lane r), then 4 nibble columns (column j: weights 4j..4j+3 in the low nibbles,
+// 16+4j.. in the high ones), as the AVX-512 tables' panel_b32 with 8 rows. Per block and token:
+// an exact int32 sum per row lane, one conversion and one FMA for 8 rows; the same operations
+// in the same order for any number of tokens.
+
+// Q5: 0x10 added to each weight byte whose fifth bit is set. Column j's low weights are bits
+// 4j..4j+3 of qh (byte j / 2), the high ones bits 16+4j..; each row's 4-byte lane gathers its
+// qh byte (shuffle within 128-bit lanes) and tests one bit per byte.
+static inline __m256i add_fifth_bits(__m256i nib, __m256i qh, int qh_byte, int j) {
+  const __m256i idx = _mm256_add_epi8(_mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0c0c0c0c, 0,
+                                                        0x04040404, 0x08080808, 0x0c0c0c0c),
+                                      _mm256_set1_epi8(char(qh_byte)));
+  const __m256i bit = _mm256_set1_epi32(j % 2 ? int(0x80402010) : 0x08040201);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, idx), bit), bit);
+  return _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
 }
 
-// Rows outer, tokens 4 at a time inner: each weight block is expanded once per 4 tokens.
-template <typename B>
-static void gemm_block32(int64_t n, const void* wv, size_t w_stride, int64_t n_rows,
-                         const void* actv, size_t act_stride, const ActBlockInfo*, int64_t n_tok,
-                         float* out, int64_t out_stride) {
-  using RowFn = void (*)(int64_t, const typename B::W*, const uint8_t*, size_t, float*, int64_t);
-  static const RowFn fns[4] = {row_tokens<B, 1>, row_tokens<B, 2>, row_tokens<B, 3>, row_tokens<B, 4>};
-  const auto* w = static_cast<const uint8_t*>(wv);
-  const auto* act = static_cast<const uint8_t*>(actv);
-  for (int64_t r = 0; r < n_rows; r++) {
-    const auto* wr = reinterpret_cast<const typename B::W*>(w + size_t(r) * w_stride);
-    for (int64_t t = 0; t < n_tok; t += 4) {
-      const int nt = int(std::min<int64_t>(4, n_tok - t));
-      fns[nt - 1](n / QK, wr, act + size_t(t) * act_stride, act_stride, out + t * out_stride + r, out_stride);
+// Unsigned weights (Q5_0 as q in [0, 31] with -16 sum(a) from act_info's sum8 = -8 sum(a);
+// Q5_1 as q, + m_w s_a per block) go straight into maddubs: two columns add at most
+// 4 * 31 * 127 = 15748 per int16 lane and side, so the lanes are widened every two columns.
+// IQ4_NL's signed levels (|w| <= 127) meet a with w's sign moved onto it, widened every step.
+template <int C, typename B>
+static void panel_b32(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
+                      const ActBlockInfo* info, float* out, int64_t out_stride, int nr) {
+  using A = typename B::A;
+  constexpr bool kQ5 = !std::is_same_v<B, Iq4nlBlock>;
+  constexpr size_t kBlock = kPanelRows * sizeof(typename B::W);
+  constexpr size_t kScales = kPanelRows * (B::kMin ? 4 : 2);
+  constexpr size_t kQs = kScales + (kQ5 ? 4 * kPanelRows : 0);
+  const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m128i lut128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues));
+  const __m256i lut = _mm256_set_m128i(lut128, lut128);
+  __m256 acc[C], accm[C];
+  for (int c = 0; c < C; c++) acc[c] = accm[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* pb = w + size_t(b) * kBlock;
+    prefetch_ahead<kBlock>(pb);
+    const A* ab[C];
+    __m256i isum[C], i16[C];
+    for (int c = 0; c < C; c++) {
+      ab[c] = reinterpret_cast<const A*>(act + c * act_stride) + b;
+      isum[c] = i16[c] = _mm256_setzero_si256();
+    }
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (kQ5) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kScales));
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kQs + 32 * j));
+      __m256i lo = _mm256_and_si256(v, low4);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      if constexpr (kQ5) {
+        lo = add_fifth_bits(lo, qh, j / 2, j);
+        hi = add_fifth_bits(hi, qh, 2 + j / 2, j);
+        for (int c = 0; c < C; c++) {
+          i16[c] = _mm256_add_epi16(i16[c], _mm256_maddubs_epi16(lo, bcast4(ab[c]->qs + 4 * j)));
+          i16[c] = _mm256_add_epi16(i16[c], _mm256_maddubs_epi16(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
+          if (j % 2) {
+            isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(i16[c], ones));
+            i16[c] = _mm256_setzero_si256();
+          }
+          keep_in_register(isum[c]);
+        }
+      } else {
+        lo = _mm256_shuffle_epi8(lut, lo);
+        hi = _mm256_shuffle_epi8(lut, hi);
+        for (int c = 0; c < C; c++) {
+          isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(lo, bcast4(ab[c]->qs + 4 * j)));
+          isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
+          keep_in_register(isum[c]);
+        }
+      }
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    for (int c = 0; c < C; c++) {
+      const ActBlockInfo& ai = info[c * nb + b];
+      __m256i dot = isum[c];
+      if constexpr (kQ5 && !B::kMin) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(2 * ai.sum8));
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ai.d)), _mm256_cvtepi32_ps(dot), acc[c]);
+    }
+    if constexpr (B::kMin) {
+      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 2 * kPanelRows)));
+      for (int c = 0; c < C; c++) accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[c * nb + b].s), accm[c]);
     }
   }
+  if constexpr (B::kMin)
+    for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], accm[c]);
+  store_panel<C>(acc, out, out_stride, nr);
 }
 
+
+// dot on GGML rows (dot_block32); gemm on Panel8 (panel_b32), reading act_info.
 template <typename B>
 static void set_block32(KernelTable& t, GgmlType type) {
   TypeKernels& k = t.types[int(type)];
   k.dot = erased_dot<typename B::W, typename B::A, dot_block32<B>>;
-  k.gemm = gemm_block32<B>;
-  k.uses_act_info = false;
+  k.gemm = gemm_panel8<panel_b32<1, B>, panel_b32<2, B>, panel_b32<3, B>, panel_b32<4, B>>;
+  k.uses_act_info = true;
 }
 
 static KernelTable make_table() {

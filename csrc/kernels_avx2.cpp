@@ -297,61 +297,6 @@ static inline void store_panel(const __m256* acc, float* out, int64_t out_stride
   }
 }
 
-// Q4 weights (unsigned nibbles q) against 8-bit activations a, per block:
-//   Q4_1 (x = d*q + m, Q8_1 activations): d_w*d_a*sum(q*a) + m_w*s_a
-//   Q4_0 (x = d*(q-8), Q8_0 activations): d_w*d_a*(sum(q*a) - 8*sum(a)), the correction exact
-//        in integers.
-// d_a, s_a and -8*sum(a) come from `info` (gemm's act_info: per token and block, nb apart).
-// int16 lanes hold 16 products of q <= 15 and |a| <= 128 each: at most 30720.
-template <int C, bool kQ4_1>
-static void panel_q4(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
-                     const ActBlockInfo* info, float* out, int64_t out_stride, int nr) {
-  using ActBlock = std::conditional_t<kQ4_1, block_q8_1, block_q8_0>;
-  constexpr size_t kBlock = kPanelRows * (kQ4_1 ? sizeof(block_q4_1) : sizeof(block_q4_0));
-  constexpr size_t kScales = kPanelRows * (kQ4_1 ? 4 : 2);
-  const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 acc[C], accm[C];
-  for (int c = 0; c < C; c++) acc[c] = accm[c] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* pb = w + size_t(b) * kBlock;
-    prefetch_ahead<kBlock>(pb);
-    const ActBlock* ab[C];
-    __m256i isum[C];
-    for (int c = 0; c < C; c++) {
-      ab[c] = reinterpret_cast<const ActBlock*>(act + c * act_stride) + b;
-      isum[c] = _mm256_setzero_si256();
-    }
-    for (int j = 0; j < 4; j++) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kScales + 32 * j));
-      const __m256i lo = _mm256_and_si256(v, low4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      for (int c = 0; c < C; c++) {
-        isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(lo, bcast4(ab[c]->qs + 4 * j)));
-        isum[c] = _mm256_add_epi16(isum[c], _mm256_maddubs_epi16(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
-        keep_in_register(isum[c]);
-      }
-    }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
-    for (int c = 0; c < C; c++) {
-      __m256i dot = _mm256_madd_epi16(isum[c], ones);
-      const ActBlockInfo& ai = info[c * nb + b];
-      if constexpr (!kQ4_1) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(ai.sum8));
-      // The same operations in the same order for any C: a token's result does not depend on
-      // how many tokens share the pass (prefill equals token-by-token decode).
-      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ai.d)), _mm256_cvtepi32_ps(dot),
-                               acc[c]);
-    }
-    if constexpr (kQ4_1) {
-      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 16)));
-      for (int c = 0; c < C; c++)
-        accm[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(info[c * nb + b].s), accm[c]);
-    }
-  }
-  if constexpr (kQ4_1)
-    for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], accm[c]);
-  store_panel<C>(acc, out, out_stride, nr);
-}
-
 // Q8_0 weights with Q8_0 activations. maddubs multiplies unsigned by signed bytes, so |w|
 // meets a with w's sign moved onto it; products (up to 127*128) are widened every pair.
 template <int C>
@@ -1217,6 +1162,29 @@ static void set_k_dot(KernelTable& t, GgmlType type) {
 // nibbles, weights 16..31). Per block: an exact int32 sum (8 lanes), converted and accumulated
 // with d_w * d_a by one FMA. (The GEMM runs on panels: panel_b32 below.)
 
+// How each type's weights come out of a panel's nibble (panel_b32):
+enum class Weights {
+  U4,   // the nibble itself, q in [0, 15] (Q4_0, Q4_1)
+  U5,   // the nibble plus 16 * the fifth bit, q in [0, 31] (Q5_0, Q5_1)
+  Lut,  // IQ4_NL's level of the nibble, int8 in [-127, 113]
+};
+
+// Q4_0 and Q4_1 run on panels only (their dot products are the portable ones).
+struct Q4_0Block {
+  using W = block_q4_0;
+  using A = block_q8_0;
+  static constexpr Weights kWeights = Weights::U4;
+  static constexpr int kBias = 8;  // x = d * (q - kBias): - kBias * sum(a), from act_info
+  static constexpr bool kMin = false;  // x = d * q + m: + m_w * s_a from the Q8_1 block
+};
+struct Q4_1Block {
+  using W = block_q4_1;
+  using A = block_q8_1;
+  static constexpr Weights kWeights = Weights::U4;
+  static constexpr int kBias = 0;
+  static constexpr bool kMin = true;
+};
+
 // 0xff in byte j where bit j of the block's 32-bit qh (little-endian) is set, else 0.
 static inline __m256i expand_qh(const uint8_t* qh) {
   uint32_t bits;
@@ -1234,6 +1202,8 @@ struct Q5_0Block {
   using W = block_q5_0;
   using A = block_q8_0;
   static constexpr bool kSigned = true, kMin = false;
+  static constexpr Weights kWeights = Weights::U5;
+  static constexpr int kBias = 16;  // the panel's q is unsigned
   static inline __m256i expand(const W& b) {
     return _mm256_or_si256(unpack_nibbles(b.qs), _mm256_andnot_si256(expand_qh(b.qh), _mm256_set1_epi8(char(0xf0))));
   }
@@ -1244,6 +1214,8 @@ struct Q5_1Block {
   using W = block_q5_1;
   using A = block_q8_1;
   static constexpr bool kSigned = false, kMin = true;
+  static constexpr Weights kWeights = Weights::U5;
+  static constexpr int kBias = 0;
   static inline __m256i expand(const W& b) {
     return _mm256_or_si256(unpack_nibbles(b.qs), _mm256_and_si256(expand_qh(b.qh), _mm256_set1_epi8(0x10)));
   }
@@ -1254,6 +1226,8 @@ struct Iq4nlBlock {
   using W = block_iq4_nl;
   using A = block_q8_0;
   static constexpr bool kSigned = true, kMin = false;
+  static constexpr Weights kWeights = Weights::Lut;
+  static constexpr int kBias = 0;
   static inline __m256i expand(const W& b) {
     const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues));
     return _mm256_shuffle_epi8(_mm256_set_m128i(t, t), unpack_nibbles(b.qs));
@@ -1287,12 +1261,15 @@ static float dot_block32(int64_t n, const typename B::W* w, const typename B::A*
   return hsum(_mm256_add_ps(acc[0], acc[1])) + accm;
 }
 
-// ---- The same three types in panels of 8 rows (weight_layout.h), for the GEMM ----
-// A panel block column holds the 8 rows' fp16 d (then Q5_1's m), Q5's fifth bits (32 bytes: row
-// r's qh in lane r), then 4 nibble columns (column j: weights 4j..4j+3 in the low nibbles,
-// 16+4j.. in the high ones), as the AVX-512 tables' panel_b32 with 8 rows. Per block and token:
-// an exact int32 sum per row lane, one conversion and one FMA for 8 rows; the same operations
-// in the same order for any number of tokens.
+// ---- Block types of 32 nibbles (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) in panels of 8 rows ----
+// A panel block column holds the 8 rows' fp16 d (then m[8] for Q4_1/Q5_1), Q5's fifth bits (32
+// bytes: row r's qh in lane r), then 4 nibble columns (column j: weights 4j..4j+3 in the low
+// nibbles, 16+4j.. in the high ones), as the AVX-512 tables' panel_b32 with 8 rows. Each
+// 32-byte load holds 4+4 weights of each of the 8 rows; multiplied by the same activations
+// broadcast to every lane, the integer dot product's 8 lanes are the 8 rows. Per block and
+// token: an exact int32 sum per row lane, one conversion and one FMA for 8 rows (the 8 scales
+// converted by one F16C instruction); the same operations in the same order for any number of
+// tokens, so prefill equals token-by-token decode.
 
 // Q5: 0x10 added to each weight byte whose fifth bit is set. Column j's low weights are bits
 // 4j..4j+3 of qh (byte j / 2), the high ones bits 16+4j..; each row's 4-byte lane gathers its
@@ -1306,18 +1283,20 @@ static inline __m256i add_fifth_bits(__m256i nib, __m256i qh, int qh_byte, int j
   return _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
 }
 
-// Unsigned weights (Q5_0 as q in [0, 31] with -16 sum(a) from act_info's sum8 = -8 sum(a);
-// Q5_1 as q, + m_w s_a per block) go straight into maddubs: two columns add at most
-// 4 * 31 * 127 = 15748 per int16 lane and side, so the lanes are widened every two columns.
-// IQ4_NL's signed levels (|w| <= 127) meet a with w's sign moved onto it, widened every step.
+// Integer sums: unsigned weights go straight into maddubs with the activations (|a| <= 127);
+// an int16 lane gains at most 2 * 15 * 127 (U4) or 2 * 31 * 127 (U5) per maddubs, so U4 lanes
+// (16 products) are widened once per block and U5 lanes every two columns. The offsets:
+// - kBias * sum(a) from act_info (sum8 = -8 sum(a)), + m_w * s_a for the types with a min.
+// IQ4_NL's signed levels meet a with the level's sign moved onto it, widened every step.
 template <int C, typename B>
 static void panel_b32(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
                       const ActBlockInfo* info, float* out, int64_t out_stride, int nr) {
   using A = typename B::A;
-  constexpr bool kQ5 = !std::is_same_v<B, Iq4nlBlock>;
+  constexpr Weights kW = B::kWeights;
+  static_assert(B::kBias == 0 || B::kBias == 8 || B::kBias == 16, "offsets from sum8 = -8 sum(a)");
   constexpr size_t kBlock = kPanelRows * sizeof(typename B::W);
   constexpr size_t kScales = kPanelRows * (B::kMin ? 4 : 2);
-  constexpr size_t kQs = kScales + (kQ5 ? 4 * kPanelRows : 0);
+  constexpr size_t kQs = kScales + (kW == Weights::U5 ? 4 * kPanelRows : 0);
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   const __m128i lut128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4nlValues));
   const __m256i lut = _mm256_set_m128i(lut128, lut128);
@@ -1327,45 +1306,47 @@ static void panel_b32(int64_t nb, const uint8_t* w, const uint8_t* act, size_t a
     const uint8_t* pb = w + size_t(b) * kBlock;
     prefetch_ahead<kBlock>(pb);
     const A* ab[C];
-    __m256i isum[C], i16[C];
+    __m256i isum[C], i16[C];  // int32 lanes; int16 lanes not yet widened (U4, U5)
     for (int c = 0; c < C; c++) {
       ab[c] = reinterpret_cast<const A*>(act + c * act_stride) + b;
       isum[c] = i16[c] = _mm256_setzero_si256();
     }
     __m256i qh = _mm256_setzero_si256();
-    if constexpr (kQ5) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kScales));
+    if constexpr (kW == Weights::U5) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kScales));
 #pragma GCC unroll 4
     for (int j = 0; j < 4; j++) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kQs + 32 * j));
       __m256i lo = _mm256_and_si256(v, low4);
       __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      if constexpr (kQ5) {
+      if constexpr (kW == Weights::U5) {
         lo = add_fifth_bits(lo, qh, j / 2, j);
         hi = add_fifth_bits(hi, qh, 2 + j / 2, j);
-        for (int c = 0; c < C; c++) {
-          i16[c] = _mm256_add_epi16(i16[c], _mm256_maddubs_epi16(lo, bcast4(ab[c]->qs + 4 * j)));
-          i16[c] = _mm256_add_epi16(i16[c], _mm256_maddubs_epi16(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
-          if (j % 2) {
+      } else if constexpr (kW == Weights::Lut) {
+        lo = _mm256_shuffle_epi8(lut, lo);
+        hi = _mm256_shuffle_epi8(lut, hi);
+      }
+      for (int c = 0; c < C; c++) {
+        const __m256i a_lo = bcast4(ab[c]->qs + 4 * j), a_hi = bcast4(ab[c]->qs + 16 + 4 * j);
+        if constexpr (kW == Weights::Lut) {
+          isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(lo, a_lo));
+          isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(hi, a_hi));
+          keep_in_register(isum[c]);
+        } else {
+          i16[c] = _mm256_add_epi16(i16[c], _mm256_maddubs_epi16(lo, a_lo));
+          i16[c] = _mm256_add_epi16(i16[c], _mm256_maddubs_epi16(hi, a_hi));
+          if (kW == Weights::U5 && j % 2) {
             isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(i16[c], ones));
             i16[c] = _mm256_setzero_si256();
           }
-          keep_in_register(isum[c]);
-        }
-      } else {
-        lo = _mm256_shuffle_epi8(lut, lo);
-        hi = _mm256_shuffle_epi8(lut, hi);
-        for (int c = 0; c < C; c++) {
-          isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(lo, bcast4(ab[c]->qs + 4 * j)));
-          isum[c] = _mm256_add_epi32(isum[c], dot_i8_i8(hi, bcast4(ab[c]->qs + 16 + 4 * j)));
-          keep_in_register(isum[c]);
+          keep_in_register(i16[c]);
         }
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
     for (int c = 0; c < C; c++) {
       const ActBlockInfo& ai = info[c * nb + b];
-      __m256i dot = isum[c];
-      if constexpr (kQ5 && !B::kMin) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(2 * ai.sum8));
+      __m256i dot = kW == Weights::U4 ? _mm256_madd_epi16(i16[c], ones) : isum[c];
+      if constexpr (B::kBias != 0) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(B::kBias / 8 * ai.sum8));
       acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ai.d)), _mm256_cvtepi32_ps(dot), acc[c]);
     }
     if constexpr (B::kMin) {
@@ -1378,14 +1359,18 @@ static void panel_b32(int64_t nb, const uint8_t* w, const uint8_t* act, size_t a
   store_panel<C>(acc, out, out_stride, nr);
 }
 
-
-// dot on GGML rows (dot_block32); gemm on Panel8 (panel_b32), reading act_info.
 template <typename B>
-static void set_block32(KernelTable& t, GgmlType type) {
+static void set_panel_b32(KernelTable& t, GgmlType type) {
   TypeKernels& k = t.types[int(type)];
-  k.dot = erased_dot<typename B::W, typename B::A, dot_block32<B>>;
   k.gemm = gemm_panel8<panel_b32<1, B>, panel_b32<2, B>, panel_b32<3, B>, panel_b32<4, B>>;
   k.uses_act_info = true;
+}
+
+// dot on GGML rows (dot_block32), gemm on panels.
+template <typename B>
+static void set_block32(KernelTable& t, GgmlType type) {
+  t.types[int(type)].dot = erased_dot<typename B::W, typename B::A, dot_block32<B>>;
+  set_panel_b32<B>(t, type);
 }
 
 static KernelTable make_table() {
@@ -1406,13 +1391,11 @@ static KernelTable make_table() {
   set_block32<Q5_0Block>(t, GgmlType::Q5_0);
   set_block32<Q5_1Block>(t, GgmlType::Q5_1);
   set_block32<Iq4nlBlock>(t, GgmlType::IQ4_NL);
-  types[int(GgmlType::Q4_0)].gemm =
-      gemm_panel8<panel_q4<1, false>, panel_q4<2, false>, panel_q4<3, false>, panel_q4<4, false>>;
-  types[int(GgmlType::Q4_1)].gemm =
-      gemm_panel8<panel_q4<1, true>, panel_q4<2, true>, panel_q4<3, true>, panel_q4<4, true>>;
+  set_panel_b32<Q4_0Block>(t, GgmlType::Q4_0);
+  set_panel_b32<Q4_1Block>(t, GgmlType::Q4_1);
   types[int(GgmlType::Q8_0)].gemm =
       gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
-  for (GgmlType p : {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0}) types[int(p)].uses_act_info = true;
+  types[int(GgmlType::Q8_0)].uses_act_info = true;
   // (The K-quants' panels read no act_info: uses_act_info stays false, as set_dot left it.)
   types[int(GgmlType::Q4_K)].gemm =
       gemm_panel8_k<panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>>;

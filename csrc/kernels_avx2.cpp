@@ -579,8 +579,9 @@ static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
 }
 
 // Q6_K: per super-block d_w d_a (sum_s sc_s sum(q a) - 32 sum_s sc_s bsum_s) (see the AVX-512
-// panel_q6_K for where each weight's bits are). q <= 63 and |a| <= 128: maddubs pairs fit int16
-// and are widened at every step; the signed scale multiplies the int32 sub-block sum.
+// panel_q6_K for where each weight's bits are). q <= 63 and |a| <= 128: two columns' maddubs
+// (4 products per int16 lane, |sum| <= 32256) fit int16, and the madd that widens them
+// multiplies by the sub-block's signed scale (no 32-bit multiply).
 static inline __m256i q6_scale_bsum(const __m256i sc[4], const block_q8_K& a) {
   __m256i r = _mm256_setzero_si256();
   for (int col = 0; col < 4; col++) {
@@ -600,7 +601,7 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
                        const ActBlockInfo*, float* out, int64_t out_stride, int nr) {
   constexpr size_t kBlock = kPanelRows * sizeof(block_q6_K);
   constexpr size_t kQl = 2 * kPanelRows, kQh = kQl + 32 * 32, kSc = kQh + 16 * 32;
-  const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+  const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30);
   __m256 acc[C];
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
@@ -615,10 +616,14 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     __m256i sc[4];
     for (int col = 0; col < 4; col++)
       sc[col] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kSc + 32 * col));
+#pragma GCC unroll 16
     for (int s = 0; s < 16; s++) {  // sub-block s = 8h + 2g + half: columns 4 half .. 4 half + 3
       const int h = s / 8, g = (s % 8) / 2, half = s % 2;
-      __m256i sub[C];
-      for (int c = 0; c < C; c++) sub[c] = _mm256_setzero_si256();
+      // the sub-block's signed scale as int16 in both halves of every row's lane
+      const __m256i sc32 = _mm256_srai_epi32(_mm256_slli_epi32(sc[s / 4], 24 - 8 * (s % 4)), 24);
+      const __m256i sc16 = _mm256_blend_epi16(sc32, _mm256_slli_epi32(sc32, 16), 0xaa);
+      __m256i pair[C];  // int16 sums of two columns' products
+#pragma GCC unroll 4
       for (int i = 4 * half; i < 4 * half + 4; i++) {
         const __m256i ql = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(pb + kQl + 32 * (16 * h + 8 * (g & 1) + i)));
@@ -630,14 +635,14 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
                                     : _mm256_srli_epi16(qh, 2);
         const __m256i q = _mm256_or_si256(lo, _mm256_and_si256(hb, top2));
         for (int c = 0; c < C; c++) {
-          const __m256i a = bcast4(ab[c]->qs + 128 * h + 32 * g + 4 * i);
-          sub[c] = _mm256_add_epi32(sub[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones));
+          const __m256i p = _mm256_maddubs_epi16(q, bcast4(ab[c]->qs + 128 * h + 32 * g + 4 * i));
+          if (i % 2 == 0) {
+            pair[c] = p;
+          } else {  // two columns: |sum| <= 4 * 63 * 127 = 32004 fits int16; the scale widens it
+            isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_add_epi16(pair[c], p), sc16));
+            keep_in_register(isum[c]);
+          }
         }
-      }
-      const __m256i scs = _mm256_srai_epi32(_mm256_slli_epi32(sc[s / 4], 24 - 8 * (s % 4)), 24);
-      for (int c = 0; c < C; c++) {
-        isum[c] = _mm256_add_epi32(isum[c], _mm256_mullo_epi32(sub[c], scs));
-        keep_in_register(isum[c]);
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));

@@ -333,20 +333,33 @@ static void panel_q8_0(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
 using PanelFn = void (*)(int64_t, const uint8_t*, const uint8_t*, size_t, const ActBlockInfo*, float*,
                          int64_t, int);
 
-// Panels outer (a panel's weights stay in cache), tokens inner in groups of 4 (each unpacked
-// weight vector serves 4 tokens), then the 1-3 left. info: (n_tok, nb) or null.
-static void gemm_panels(const PanelFn fns[4], int64_t nb, const uint8_t* w, size_t w_stride,
-                        int64_t n_rows, const uint8_t* act, size_t act_stride,
+// Panels outer (a panel's weights stay in cache), tokens inner in groups of max_tok (each
+// unpacked weight vector serves them all), then the rest; fns[c - 1] runs c tokens. info:
+// (n_tok, nb) or null.
+static void gemm_panels(const PanelFn* fns, int max_tok, int64_t nb, const uint8_t* w,
+                        size_t w_stride, int64_t n_rows, const uint8_t* act, size_t act_stride,
                         const ActBlockInfo* info, int64_t n_tok, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < n_rows; r += kPanelRows) {
     const int nr = int(std::min<int64_t>(kPanelRows, n_rows - r));
     const uint8_t* wp = w + size_t(r) * w_stride;
-    for (int64_t t = 0; t < n_tok; t += 4) {
-      const int nt = int(std::min<int64_t>(4, n_tok - t));
+    for (int64_t t = 0; t < n_tok; t += max_tok) {
+      const int nt = int(std::min<int64_t>(max_tok, n_tok - t));
       fns[nt - 1](nb, wp, act + t * act_stride, act_stride, info ? info + t * nb : nullptr,
                   out + t * out_stride + r, out_stride, nr);
     }
   }
+}
+
+// The Panel8 gemm of a type with kWeights weights per block from its panel kernels for 1, 2,
+// ..., sizeof...(Fns) tokens per pass (see gemm_panels); kernels that do not read act_info
+// ignore it.
+template <int64_t kWeights, PanelFn... Fns>
+static void gemm_panel8(int64_t n, const void* w, size_t w_stride, int64_t n_rows, const void* act,
+                        size_t act_stride, const ActBlockInfo* act_info, int64_t n_tok, float* out,
+                        int64_t out_stride) {
+  static const PanelFn fns[] = {Fns...};
+  gemm_panels(fns, int(sizeof...(Fns)), n / kWeights, static_cast<const uint8_t*>(w), w_stride,
+              n_rows, static_cast<const uint8_t*>(act), act_stride, act_info, n_tok, out, out_stride);
 }
 
 // ---- F16 / F32 weights with float activations (F16/F32 models, attention scores) ----------
@@ -462,24 +475,14 @@ static void mix_rows_simd(GgmlType vtype, int64_t n, const void* v, size_t v_str
   return mix_rows_typed<false>(n, vb, v_stride, n_pos, w, w_stride, n_q, out, out_stride);
 }
 
-// The Panel8 gemm of a block type from its panel kernel for 1-4 tokens per pass (see
-// gemm_panels); kernels that do not read act_info ignore it.
-template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
-static void gemm_panel8(int64_t n, const void* w, size_t w_stride, int64_t n_rows, const void* act,
-                        size_t act_stride, const ActBlockInfo* act_info, int64_t n_tok, float* out,
-                        int64_t out_stride) {
-  static const PanelFn fns[4] = {P1, P2, P3, P4};
-  gemm_panels(fns, n / QK, static_cast<const uint8_t*>(w), w_stride, n_rows,
-              static_cast<const uint8_t*>(act), act_stride, act_info, n_tok, out, out_stride);
-}
-
 // ---- Q4_K and Q6_K in panels of 8 rows, with Q8_K activations ----
 // The same panel layouts and integer sums as the AVX-512 tables' (kernels_avx512_common.inc,
 // weight_layout.h) with 8 rows per panel: a super-block column holds the 8 rows' fp16 d (and
 // Q4_K's dmin), then the rest of their blocks in 32-byte columns of 4 bytes per row. With 16
 // registers, each token keeps one sub-block sum, its super-block sum and one float accumulator
 // (the mins are subtracted in the same accumulator), so 4 tokens share each unpacked column.
-constexpr int kMaxTokK = 4;
+// Q4_K runs up to 8: its sub-block sums then live partly on the stack, and still the 1.1B
+// shape's Q4_K_M prefill was 4-5 % faster than with 4 (1 thread, builds alternated).
 
 // Q4_K: the 8 scales and mins of 8 rows from the 3 scale columns (k4_scale_min, 8 rows at once):
 // sc_lo / m_lo hold sub-blocks 0..3 in the 4 bytes of each row's lane, sc_hi / m_hi 4..7.
@@ -506,18 +509,25 @@ static inline __m256i lane_byte_pairs(__m256i v, int b) {
   return _mm256_or_si256(x, _mm256_slli_epi32(x, 16));
 }
 
-// sum_j m_j (bsum_2j + bsum_2j+1) for one token (see the AVX-512 k4_min_sum).
-static inline __m256i k4_min_sum(const K4Scales& s, const block_q8_K& a) {
-  int32_t bs[8];
-  for (int j = 0; j < 8; j++) bs[j] = a.bsums[2 * j] + a.bsums[2 * j + 1];
-  auto pair = [&](int x, int y) {
-    return _mm256_set1_epi32(int32_t(uint32_t(uint16_t(bs[x])) | (uint32_t(uint16_t(bs[y])) << 16)));
-  };
-  const __m256i even = _mm256_set1_epi32(0x00ff00ff);
-  __m256i r = _mm256_madd_epi16(_mm256_and_si256(s.m_lo, even), pair(0, 2));
-  r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_srli_epi16(s.m_lo, 8), pair(1, 3)));
-  r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_and_si256(s.m_hi, even), pair(4, 6)));
-  return _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_srli_epi16(s.m_hi, 8), pair(5, 7)));
+// The 8 rows' mins as madd operands, once per super-block: pairs[j] holds m_j in both int16
+// halves of each row's lane.
+struct K4MinPairs {
+  __m256i pairs[8];
+};
+static inline K4MinPairs k4_min_pairs(const K4Scales& s) {
+  K4MinPairs p;
+  for (int j = 0; j < 8; j++) p.pairs[j] = lane_byte_pairs(j < 4 ? s.m_lo : s.m_hi, j % 4);
+  return p;
+}
+
+// sum_j m_j (bsum_2j + bsum_2j+1) for one token: the token's two bsums of sub-block j are one
+// contiguous int16 pair, broadcast from memory, so there is no scalar work per token.
+// |bsum| <= 16 * 128 and m <= 63: every madd pair fits int32.
+static inline __m256i k4_min_sum(const K4MinPairs& m, const block_q8_K& a) {
+  __m256i r = _mm256_setzero_si256();
+  for (int j = 0; j < 8; j++)
+    r = _mm256_add_epi32(r, _mm256_madd_epi16(m.pairs[j], bcast4(reinterpret_cast<const int8_t*>(a.bsums + 2 * j))));
+  return r;
 }
 
 // A super-block's float step for C tokens of a type with mins (the Q4_K, Q5_K, Q2_K panels):
@@ -572,7 +582,8 @@ static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       }
     }
     __m256i mins[C];
-    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(s, *ab[c]);
+    const K4MinPairs mp = k4_min_pairs(s);
+    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(mp, *ab[c]);
     add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
@@ -731,7 +742,8 @@ static void panel_q5_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       }
     }
     __m256i mins[C];
-    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(s, *ab[c]);
+    const K4MinPairs mp = k4_min_pairs(s);
+    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(mp, *ab[c]);
     add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
@@ -864,16 +876,6 @@ static void panel_q2_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
-}
-
-// Panels outer, tokens inner in groups of kMaxTokK; QK_K weights per block.
-template <PanelFn P1, PanelFn P2, PanelFn P3, PanelFn P4>
-static void gemm_panel8_k(int64_t n, const void* w, size_t w_stride, int64_t n_rows,
-                          const void* act, size_t act_stride, const ActBlockInfo*, int64_t n_tok,
-                          float* out, int64_t out_stride) {
-  static const PanelFn fns[kMaxTokK] = {P1, P2, P3, P4};
-  gemm_panels(fns, n / QK_K, static_cast<const uint8_t*>(w), w_stride, n_rows,
-              static_cast<const uint8_t*>(act), act_stride, nullptr, n_tok, out, out_stride);
 }
 
 // The types this table keeps in panels of 8 rows; the rest keep GGML rows.
@@ -1367,7 +1369,7 @@ static void panel_b32(int64_t nb, const uint8_t* w, const uint8_t* act, size_t a
 template <typename B>
 static void set_panel_b32(KernelTable& t, GgmlType type) {
   TypeKernels& k = t.types[int(type)];
-  k.gemm = gemm_panel8<panel_b32<1, B>, panel_b32<2, B>, panel_b32<3, B>, panel_b32<4, B>>;
+  k.gemm = gemm_panel8<QK, panel_b32<1, B>, panel_b32<2, B>, panel_b32<3, B>, panel_b32<4, B>>;
   k.uses_act_info = true;
 }
 
@@ -1399,19 +1401,20 @@ static KernelTable make_table() {
   set_panel_b32<Q4_0Block>(t, GgmlType::Q4_0);
   set_panel_b32<Q4_1Block>(t, GgmlType::Q4_1);
   types[int(GgmlType::Q8_0)].gemm =
-      gemm_panel8<panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
+      gemm_panel8<QK, panel_q8_0<1>, panel_q8_0<2>, panel_q8_0<3>, panel_q8_0<4>>;
   types[int(GgmlType::Q8_0)].uses_act_info = true;
   // (The K-quants' panels read no act_info: uses_act_info stays false, as set_dot left it.)
   types[int(GgmlType::Q4_K)].gemm =
-      gemm_panel8_k<panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>>;
+      gemm_panel8<QK_K, panel_q4_K<1>, panel_q4_K<2>, panel_q4_K<3>, panel_q4_K<4>, panel_q4_K<5>,
+                  panel_q4_K<6>, panel_q4_K<7>, panel_q4_K<8>>;
   types[int(GgmlType::Q6_K)].gemm =
-      gemm_panel8_k<panel_q6_K<1>, panel_q6_K<2>, panel_q6_K<3>, panel_q6_K<4>>;
+      gemm_panel8<QK_K, panel_q6_K<1>, panel_q6_K<2>, panel_q6_K<3>, panel_q6_K<4>>;
   types[int(GgmlType::Q5_K)].gemm =
-      gemm_panel8_k<panel_q5_K<1>, panel_q5_K<2>, panel_q5_K<3>, panel_q5_K<4>>;
+      gemm_panel8<QK_K, panel_q5_K<1>, panel_q5_K<2>, panel_q5_K<3>, panel_q5_K<4>>;
   types[int(GgmlType::Q3_K)].gemm =
-      gemm_panel8_k<panel_q3_K<1>, panel_q3_K<2>, panel_q3_K<3>, panel_q3_K<4>>;
+      gemm_panel8<QK_K, panel_q3_K<1>, panel_q3_K<2>, panel_q3_K<3>, panel_q3_K<4>>;
   types[int(GgmlType::Q2_K)].gemm =
-      gemm_panel8_k<panel_q2_K<1>, panel_q2_K<2>, panel_q2_K<3>, panel_q2_K<4>>;
+      gemm_panel8<QK_K, panel_q2_K<1>, panel_q2_K<2>, panel_q2_K<3>, panel_q2_K<4>>;
   types[int(GgmlType::F16)].gemm = gemm_float<true>;
   types[int(GgmlType::F32)].gemm = gemm_float<false>;
   t.packed_bytes = panels_packed_bytes<kPanelRows, panel8_applies>;

@@ -509,25 +509,26 @@ static inline __m256i lane_byte_pairs(__m256i v, int b) {
   return _mm256_or_si256(x, _mm256_slli_epi32(x, 16));
 }
 
-// The 8 rows' mins as madd operands, once per super-block: pairs[j] holds m_j in both int16
-// halves of each row's lane.
-struct K4MinPairs {
-  __m256i pairs[8];
+// sum_k (w_k (bsum_2k) + w'_k (bsum_2k+1)) for one token, with a row's weights as madd's
+// int16 pairs: the two bsums of each pair are contiguous int16 in the Q8_K block, so each is
+// one broadcast from memory and one madd, with no scalar work per token. The weight pairs
+// depend on the panel only and are made once per super-block (k4_min_pairs, sc_pairs).
+// |bsum| <= 16 * 128 and |w| <= 128: every madd pair fits int32.
+struct BsumPairs {
+  __m256i w[8];
 };
-static inline K4MinPairs k4_min_pairs(const K4Scales& s) {
-  K4MinPairs p;
-  for (int j = 0; j < 8; j++) p.pairs[j] = lane_byte_pairs(j < 4 ? s.m_lo : s.m_hi, j % 4);
-  return p;
+static inline __m256i bsum_dot(const BsumPairs& p, const block_q8_K& a) {
+  __m256i r = _mm256_setzero_si256();
+  for (int k = 0; k < 8; k++)
+    r = _mm256_add_epi32(r, _mm256_madd_epi16(p.w[k], bcast4(reinterpret_cast<const int8_t*>(a.bsums + 2 * k))));
+  return r;
 }
 
-// sum_j m_j (bsum_2j + bsum_2j+1) for one token: the token's two bsums of sub-block j are one
-// contiguous int16 pair, broadcast from memory, so there is no scalar work per token.
-// |bsum| <= 16 * 128 and m <= 63: every madd pair fits int32.
-static inline __m256i k4_min_sum(const K4MinPairs& m, const block_q8_K& a) {
-  __m256i r = _mm256_setzero_si256();
-  for (int j = 0; j < 8; j++)
-    r = _mm256_add_epi32(r, _mm256_madd_epi16(m.pairs[j], bcast4(reinterpret_cast<const int8_t*>(a.bsums + 2 * j))));
-  return r;
+// Q4_K/Q5_K: sum_j m_j (bsum_2j + bsum_2j+1): m_j in both halves of pair j.
+static inline BsumPairs k4_min_pairs(const K4Scales& s) {
+  BsumPairs p;
+  for (int j = 0; j < 8; j++) p.w[j] = lane_byte_pairs(j < 4 ? s.m_lo : s.m_hi, j % 4);
+  return p;
 }
 
 // A super-block's float step for C tokens of a type with mins (the Q4_K, Q5_K, Q2_K panels):
@@ -582,8 +583,8 @@ static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       }
     }
     __m256i mins[C];
-    const K4MinPairs mp = k4_min_pairs(s);
-    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(mp, *ab[c]);
+    const BsumPairs mp = k4_min_pairs(s);
+    for (int c = 0; c < C; c++) mins[c] = bsum_dot(mp, *ab[c]);
     add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
@@ -593,18 +594,17 @@ static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
 // panel_q6_K for where each weight's bits are). q <= 63 and |a| <= 128: two columns' maddubs
 // (4 products per int16 lane, |sum| <= 32256) fit int16, and the madd that widens them
 // multiplies by the sub-block's signed scale (no 32-bit multiply).
-static inline __m256i q6_scale_bsum(const __m256i sc[4], const block_q8_K& a) {
-  __m256i r = _mm256_setzero_si256();
+// 16 signed byte scales per row (4 columns of 4 per lane, sub-block 4 col + b in byte b) as
+// pairs (sc_2k, sc_2k+1) sign-extended to int16, for bsum_dot: sum_s sc_s bsum_s.
+static inline BsumPairs sc_pairs(const __m256i sc[4]) {
+  BsumPairs p;
   for (int col = 0; col < 4; col++) {
-    const int16_t* bs = a.bsums + 4 * col;
-    const int32_t even = int32_t(uint32_t(uint16_t(bs[0])) | (uint32_t(uint16_t(bs[2])) << 16));
-    const int32_t odd = int32_t(uint32_t(uint16_t(bs[1])) | (uint32_t(uint16_t(bs[3])) << 16));
-    const __m256i sc_even = _mm256_srai_epi16(_mm256_slli_epi16(sc[col], 8), 8);
-    const __m256i sc_odd = _mm256_srai_epi16(sc[col], 8);
-    r = _mm256_add_epi32(r, _mm256_madd_epi16(sc_even, _mm256_set1_epi32(even)));
-    r = _mm256_add_epi32(r, _mm256_madd_epi16(sc_odd, _mm256_set1_epi32(odd)));
+    const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(sc[col], 8), 8);  // (b0, b2)
+    const __m256i odd = _mm256_srai_epi16(sc[col], 8);                         // (b1, b3)
+    p.w[2 * col] = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xaa);      // (b0, b1)
+    p.w[2 * col + 1] = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xaa);  // (b2, b3)
   }
-  return r;
+  return p;
 }
 
 template <int C>
@@ -657,8 +657,9 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       }
     }
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    const BsumPairs sp = sc_pairs(sc);
     for (int c = 0; c < C; c++) {
-      const __m256i offset = _mm256_slli_epi32(q6_scale_bsum(sc, *ab[c]), 5);  // 32 sum sc bsum
+      const __m256i offset = _mm256_slli_epi32(bsum_dot(sp, *ab[c]), 5);  // 32 sum sc bsum
       acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ab[c]->d)),
                                _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[c], offset)), acc[c]);
     }
@@ -742,8 +743,8 @@ static void panel_q5_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
       }
     }
     __m256i mins[C];
-    const K4MinPairs mp = k4_min_pairs(s);
-    for (int c = 0; c < C; c++) mins[c] = k4_min_sum(mp, *ab[c]);
+    const BsumPairs mp = k4_min_pairs(s);
+    for (int c = 0; c < C; c++) mins[c] = bsum_dot(mp, *ab[c]);
     add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);
@@ -833,8 +834,9 @@ static void panel_q3_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     const auto scale = [&](int j) { return lane_sbyte_pairs(sc[j / 4], j % 4); };
     k16_panel_sums<C>(qv, scale, ab, isum);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)));
+    const BsumPairs sp = sc_pairs(sc);
     for (int c = 0; c < C; c++) {
-      const __m256i offset = _mm256_slli_epi32(q6_scale_bsum(sc, *ab[c]), 2);  // 4 sum sc bsum
+      const __m256i offset = _mm256_slli_epi32(bsum_dot(sp, *ab[c]), 2);  // 4 sum sc bsum
       acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(ab[c]->d)),
                                _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[c], offset)), acc[c]);
     }
@@ -872,7 +874,8 @@ static void panel_q2_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
     __m256i m[4];  // the mins, sub-blocks 4g .. 4g + 3 per lane (< 16: signed bytes as they are)
     for (int g = 0; g < 4; g++) m[g] = _mm256_and_si256(_mm256_srli_epi16(column(kSc + 32 * g), 4), low4);
     __m256i mins[C];
-    for (int c = 0; c < C; c++) mins[c] = q6_scale_bsum(m, *ab[c]);
+    const BsumPairs mp = sc_pairs(m);
+    for (int c = 0; c < C; c++) mins[c] = bsum_dot(mp, *ab[c]);
     add_block_with_mins<C>(pb, ab, isum, mins, acc);
   }
   store_panel<C>(acc, out, out_stride, nr);

@@ -531,6 +531,19 @@ static inline BsumPairs k4_min_pairs(const K4Scales& s) {
   return p;
 }
 
+// 16 signed byte scales per row (4 columns of 4 per lane, sub-block 4 col + b in byte b) as
+// pairs (sc_2k, sc_2k+1) sign-extended to int16, for bsum_dot: sum_s sc_s bsum_s.
+static inline BsumPairs sc_pairs(const __m256i sc[4]) {
+  BsumPairs p;
+  for (int col = 0; col < 4; col++) {
+    const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(sc[col], 8), 8);  // (b0, b2)
+    const __m256i odd = _mm256_srai_epi16(sc[col], 8);                         // (b1, b3)
+    p.w[2 * col] = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xaa);      // (b0, b1)
+    p.w[2 * col + 1] = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xaa);  // (b2, b3)
+  }
+  return p;
+}
+
 // A super-block's float step for C tokens of a type with mins (the Q4_K, Q5_K, Q2_K panels):
 // acc += d_w d_a isum - dmin_w d_a mins, d_w the panel block's first 8 halves, dmin_w the next 8.
 template <int C>
@@ -594,19 +607,6 @@ static void panel_q4_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
 // panel_q6_K for where each weight's bits are). q <= 63 and |a| <= 128: two columns' maddubs
 // (4 products per int16 lane, |sum| <= 32256) fit int16, and the madd that widens them
 // multiplies by the sub-block's signed scale (no 32-bit multiply).
-// 16 signed byte scales per row (4 columns of 4 per lane, sub-block 4 col + b in byte b) as
-// pairs (sc_2k, sc_2k+1) sign-extended to int16, for bsum_dot: sum_s sc_s bsum_s.
-static inline BsumPairs sc_pairs(const __m256i sc[4]) {
-  BsumPairs p;
-  for (int col = 0; col < 4; col++) {
-    const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(sc[col], 8), 8);  // (b0, b2)
-    const __m256i odd = _mm256_srai_epi16(sc[col], 8);                         // (b1, b3)
-    p.w[2 * col] = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xaa);      // (b0, b1)
-    p.w[2 * col + 1] = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xaa);  // (b2, b3)
-  }
-  return p;
-}
-
 template <int C>
 static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t act_stride,
                        const ActBlockInfo*, float* out, int64_t out_stride, int nr) {

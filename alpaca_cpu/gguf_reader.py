@@ -104,6 +104,7 @@ class GGUFFile:
     alignment: int
     metadata: dict[str, Any]  # key -> str, int, float, bool, or (nested) list of those
     value_types: dict[str, GGUFValueType]  # key -> the value's type (ARRAY for arrays)
+    array_types: dict[str, GGUFValueType]  # array key -> its items' type (ARRAY when nested)
     kv_offsets: dict[str, int]  # key -> byte offset of its entry
     tensor_table_offset: int
     data_offset: int  # start of the tensor data section (aligned)
@@ -287,9 +288,10 @@ def _read_header(p: _Parser) -> tuple[int, int, int]:
 
 
 def _read_metadata(p: _Parser, kv_count: int) -> tuple[dict[str, Any], dict[str, GGUFValueType],
-                                                      dict[str, int]]:
+                                                      dict[str, GGUFValueType], dict[str, int]]:
     metadata: dict[str, Any] = {}
     value_types: dict[str, GGUFValueType] = {}
+    array_types: dict[str, GGUFValueType] = {}
     kv_offsets: dict[str, int] = {}
     for i in range(kv_count):
         entry = p.pos
@@ -300,10 +302,13 @@ def _read_metadata(p: _Parser, kv_count: int) -> tuple[dict[str, Any], dict[str,
             raise p.fail(f"metadata key #{i}", entry, key,
                          f"unique keys (already defined at byte {kv_offsets[key]})")
         vtype = p.value_type(f"metadata key '{key}' (value type)")
+        start = p.pos
         metadata[key] = p.value(vtype, f"metadata key '{key}'")
         value_types[key] = vtype
+        if vtype is GGUFValueType.ARRAY:  # value() has checked the item type stored first
+            array_types[key] = _VALUE_TYPES[_U32.unpack_from(p.mm, start)[0]]
         kv_offsets[key] = entry
-    return metadata, value_types, kv_offsets
+    return metadata, value_types, array_types, kv_offsets
 
 
 def _alignment(p: _Parser, metadata: dict[str, Any], value_types: dict[str, GGUFValueType],
@@ -405,7 +410,7 @@ def _place_tensors(p: _Parser, entries: list[_Entry], data_offset: int) -> dict[
 def _parse(path: Path, mm: mmap.mmap | bytes, size: int) -> GGUFFile:
     p = _Parser(path, mm, size)
     version, tensor_count, kv_count = _read_header(p)
-    metadata, value_types, kv_offsets = _read_metadata(p, kv_count)
+    metadata, value_types, array_types, kv_offsets = _read_metadata(p, kv_count)
     alignment = _alignment(p, metadata, value_types, kv_offsets)
 
     table_offset = p.pos
@@ -420,7 +425,8 @@ def _parse(path: Path, mm: mmap.mmap | bytes, size: int) -> GGUFFile:
     tensors = _place_tensors(p, entries, data_offset)
 
     return GGUFFile(path=path, size=size, version=version, alignment=alignment,
-                    metadata=metadata, value_types=value_types, kv_offsets=kv_offsets,
+                    metadata=metadata, value_types=value_types, array_types=array_types,
+                    kv_offsets=kv_offsets,
                     tensor_table_offset=table_offset, data_offset=data_offset, tensors=tensors,
                     _mm=mm if isinstance(mm, mmap.mmap) else None)
 

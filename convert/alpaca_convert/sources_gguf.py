@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
 from gguf import GGUFValueType as V
 
 from alpaca_cpu import _core
 from alpaca_cpu.errors import ModelFileError
 from alpaca_cpu.gguf_file import open_model_file
+from alpaca_cpu.gguf_reader import read_gguf
 
 from .errors import ConvertError
 from .hparams import tensor_shapes
@@ -54,19 +54,21 @@ class GgufSource(Source):
         return self.model_file.tensors[name].type.name
 
     def metadata(self) -> list[KeyValue]:
-        reader = GGUFReader(self.path, "r")
+        # The engine's reader: validated already, and ~40x faster than gguf.GGUFReader on a
+        # 49k-token vocabulary (0.1 s against 3.8 s for SmolLM2).
+        gf = read_gguf(self.path)
         entries = []
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in _REWRITTEN:
+        for key, value in gf.metadata.items():
+            if key in _REWRITTEN:
                 continue
-            kind = field.types[0]
+            kind = gf.value_types[key]
             if kind == V.ARRAY:
-                if len(field.types) != 2:
+                if gf.array_types[key] == V.ARRAY:
                     raise ConvertError(f"{self.path}: metadata key '{key}' is a nested array, "
                                        "which cannot be copied")
-                entries.append(KeyValue(key, field.contents(), kind, field.types[1]))
+                entries.append(KeyValue(key, value, kind, gf.array_types[key]))
             else:
-                entries.append(KeyValue(key, field.contents(), kind))
+                entries.append(KeyValue(key, value, kind))
         return entries
 
     def describe(self) -> str:

@@ -408,8 +408,14 @@ def test_atheris_short_run(tmp_path: Path) -> None:
         run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and '"findings": 0' in run.stdout, run.stderr
         return
+    # libFuzzer's RSS limit is on the peak RSS getrusage reports, and on Linux a child's starts
+    # at its parent's RSS when it was forked: an xdist worker that ran a large test before
+    # this one would make any run an "oom". So the limit is 2 GB above this process's peak,
+    # and single allocations are held to 2 GB on their own.
+    parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
     cmd = [sys.executable, str(ATHERIS_SCRIPT), str(seeds),
-           f"-atheris_runs={ATHERIS_RUNS}", "-seed=1", "-rss_limit_mb=2048", "-timeout=30",
+           f"-atheris_runs={ATHERIS_RUNS}", "-seed=1", f"-rss_limit_mb={2048 + parent_peak_mb}",
+           "-malloc_limit_mb=2048", "-timeout=30",
            f"-artifact_prefix={tmp_path}/"]
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     findings = [p.name for p in tmp_path.iterdir() if p.name.split("-")[0] in

@@ -260,7 +260,8 @@ def to_float_q8_k(b: np.ndarray) -> np.ndarray:
 
 def to_float_q8(b: np.ndarray) -> np.ndarray:
     """Q8_0 and Q8_1 alike: the int8 quants after the block's fp16 fields, times d."""
-    return b[:, b.shape[1] - QK:].copy().view(np.int8).astype(np.float32) * _scale(b, 0)
+    # int8 times float32 straight into float32: the same values, without the temporaries
+    return np.multiply(b[:, b.shape[1] - QK:].view(np.int8), _scale(b, 0), dtype=np.float32)
 
 
 # --- Any type, through the table ---
@@ -285,7 +286,7 @@ def dequantize(data: np.ndarray, qtype: int, cols: int) -> np.ndarray:
         raise ValueError(f"dequantize: {data.size} bytes is not a whole number of {cols}-wide rows")
     with np.errstate(invalid="ignore", over="ignore"):  # a file's inf/NaN scales stay so
         y = t.to_float(data.reshape(-1, t.type_size))
-    return y.astype(np.float32).reshape(rows, cols)
+    return y.astype(np.float32, copy=False).reshape(rows, cols)
 
 
 def activation_type(weight_type: int) -> int:

@@ -219,12 +219,13 @@ float fit_subblocks(const float* x, const float* imp, int nmax, int8_t* L, float
 int nearest_iq4nl(float v) {
   if (v <= kIq4nlValues[0]) return 0;
   if (v >= kIq4nlValues[15]) return 15;
-  int lo = 0, hi = 15;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (v < kIq4nlValues[mid]) hi = mid; else lo = mid;
-  }
-  return v - kIq4nlValues[hi - 1] < kIq4nlValues[hi] - v ? hi - 1 : hi;
+  // GGML's binary search ends at lo = the number of levels 1..14 that v is not below; counted
+  // here without branches (a search mispredicts on every step: IQ4_NL quantizes 16 candidate
+  // scales per block, so this lookup was most of convert-weights --outtype iq4_nl's time).
+  int lo = 0;
+  for (int i = 1; i < 15; ++i) lo += !(v < kIq4nlValues[i]);
+  const int hi = lo + 1;
+  return v - kIq4nlValues[lo] < kIq4nlValues[hi] - v ? lo : hi;
 }
 
 // Pack 32 5-bit levels as Q5_0/Q5_1: low 4 bits like Q4_0 (weight j low nibble of qs[j % 16],

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from .config import ModelConfig
 from .errors import ModelFileError
@@ -54,6 +54,9 @@ class ModelFile:
     config: ModelConfig
     metadata: dict[str, Any]
     tensors: dict[str, Tensor] = field(repr=False)
+    # the metadata's on-disk types (gguf_reader.GGUFFile's), for writers that copy it
+    value_types: dict[str, GGUFValueType] = field(repr=False)
+    array_types: dict[str, GGUFValueType] = field(repr=False)
 
     def rope_divisors(self) -> np.ndarray | None:
         """(n_rot / 2) float32: what the angle pos * base^(-2i/n_rot) of frequency i is divided
@@ -241,4 +244,5 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
             i = int(np.argmax(bad))
             raise _err(path, f"tensor '{ROPE_FREQS}' value {i} is {float(freqs[i])!r}, expected "
                              "finite positive RoPE frequency divisors")
-    return ModelFile(path=path, config=cfg, metadata=md, tensors=tensors)
+    return ModelFile(path=path, config=cfg, metadata=md, tensors=tensors,
+                     value_types=gf.value_types, array_types=gf.array_types)

@@ -18,13 +18,13 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from alpaca_convert import convert, converter
+from alpaca_convert import convert
 from alpaca_convert.converter import encode
 from alpaca_convert.quant_plan import MIXES, plan
 from conftest import DATA_DIR
@@ -117,32 +117,9 @@ for _f in FILE_TYPES:
         PAIRS.setdefault(_t, set()).add(_name)
 # IQ4_NL's quantizer searches 15 scales per block (as llama-quantize does): two layers' tensors
 # (every shape and role it has) plus those outside the layers stand for the rest here; the
-# IQ4_NL file below is written whole.
+# IQ4_NL file below (ALPACA_CPU_ALL_MIXES) is written whole.
 PAIRS["IQ4_NL"] = {n for n in PAIRS["IQ4_NL"]
                    if not n.startswith("blk.") or n.startswith(("blk.0.", "blk.29."))}
-
-# (type name, sha256 of the float32 rows) -> encode()'s bytes. The files below are written by
-# convert() with encode() replaced by this memo, so each (tensor, type) pair is quantized once
-# in this module: a test speed-up only (the reference quantizers are deterministic).
-_ENCODED: dict[tuple[str, str], np.ndarray] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def free_encoded() -> Iterator[None]:
-    """The memo holds ~1 GB of bytes: gone with the module, not kept by the xdist worker."""
-    yield
-    _ENCODED.clear()
-
-
-def encode_once(rows: np.ndarray, qtype: T, n_threads: int = 2, quantizer: str = "reference",
-                importance: np.ndarray | None = None) -> np.ndarray:
-    assert quantizer == "reference" and importance is None
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    key = (qtype.name, hashlib.sha256(rows.tobytes()).hexdigest())
-    if key not in _ENCODED:
-        _ENCODED[key] = encode(rows, qtype, n_threads=n_threads)
-    return _ENCODED[key]
-
 
 @pytest.mark.parametrize("type_name", sorted(PAIRS))
 def test_quantized_tensors_have_llama_quantizes_bytes(type_name: str, smollm2_f32: Path) -> None:
@@ -153,7 +130,7 @@ def test_quantized_tensors_have_llama_quantizes_bytes(type_name: str, smollm2_f3
         data = np.asarray(t.data)  # the F32 file's bytes
         if type_name != "F32":
             rows = data.view(np.float32).reshape(t.rows, t.cols)
-            data = encode_once(rows, T[type_name])
+            data = encode(rows, T[type_name], n_threads=2)
         got = hashlib.sha256(data.tobytes()).hexdigest()
         if got != REFERENCE["data_sha256"][name][type_name]:
             wrong.append(name)
@@ -171,10 +148,8 @@ def written(smollm2_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> Call
     def write(file_type: str) -> Path:
         if file_type not in files:
             out = folder / f"SmolLM2-135M-Instruct.{file_type}.gguf"
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(converter, "encode", encode_once)
-                convert(smollm2_f32, out, outtype=file_type.lower(), out=io.StringIO(),
-                        quantizer="reference")
+            convert(smollm2_f32, out, outtype=file_type.lower(), out=io.StringIO(),
+                    quantizer="reference")
             files[file_type] = out
         return files[file_type]
 

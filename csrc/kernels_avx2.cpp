@@ -283,6 +283,16 @@ static inline void prefetch_ahead(const uint8_t* pb) {
     _mm_prefetch(reinterpret_cast<const char*>(pb + kPrefetchBytes + off), _MM_HINT_T0);
 }
 
+// Every cache line of the super-block column about to be read, requested at once. Q6_K's
+// panel reads its last 40 % (qh, scales) from the start of each column, lines that the fixed
+// prefetch distance requests only then: one-token decode from memory ran at 10 GB/s (Zen 4,
+// 1 thread; Q4_K 19), 19 GB/s with this. The other K-quants measured no gain here.
+template <size_t kBlock>
+static inline void request_block(const uint8_t* pb) {
+  for (size_t off = 0; off < kBlock; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(pb + off), _MM_HINT_T0);
+}
+
 // The C x 8 results to out (rows beyond nr belong to the panel's zero padding).
 template <int C>
 static inline void store_panel(const __m256* acc, float* out, int64_t out_stride, int nr) {
@@ -617,6 +627,7 @@ static void panel_q6_K(int64_t nb, const uint8_t* w, const uint8_t* act, size_t 
   for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* pb = w + size_t(b) * kBlock;
+    request_block<kBlock>(pb);
     prefetch_ahead<kBlock>(pb);
     const block_q8_K* ab[C];
     __m256i isum[C];

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <optional>
+#include <random>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -251,6 +252,65 @@ static double read_bandwidth(int64_t nbytes, int n_threads, int reps, const std:
   return best;
 }
 
+// One thread's GEMM read rate in GB/s of weight bytes: the best of `reps` passes of n_tok
+// tokens over enough rows x cols matrices of wtype to hold total_bytes (larger than the caches
+// for memory; small for the kernel alone), packed as the table runs them. Weights and
+// activations are quantized from seeded normal floats by the scalar (reference) quantizers.
+static double gemm_read_rate(int wtype, int64_t rows, int64_t cols, int64_t n_tok,
+                             int64_t total_bytes, int reps, const std::string& isa) {
+  const GgmlType t = to_type(wtype);
+  const TypeTraits& tt = type_traits(t);
+  if (rows < 1 || rows % 16 != 0 || cols < 1 || cols % tt.block_size != 0 || n_tok < 1 ||
+      n_tok > 512 || total_bytes < 1 || reps < 1)
+    throw std::invalid_argument("gemm_read_rate: need rows a multiple of 16, cols a multiple of " +
+                                std::to_string(tt.block_size) + ", 1 <= n_tok <= 512, reps >= 1");
+  const KernelTable* k = table(isa);
+  const KernelTable* ref = kernels_for("scalar");
+  const GgmlType at = tt.vec_dot_type;
+  const TypeKernels& tk = k->of(t, Need::Gemm);
+  const FromFloatFn quant_w = ref->of(t, Need::FromFloat).from_float;
+  const FromFloatFn quant_a = ref->of(at, Need::FromFloat).from_float;
+  py::gil_scoped_release release;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(cols));
+  const size_t w_row = row_bytes(t, cols), a_row = row_bytes(at, cols);
+  std::vector<uint8_t> q(size_t(rows) * w_row);
+  for (int64_t r = 0; r < rows; r++) {
+    for (float& v : x) v = normal(rng);
+    quant_w(x.data(), q.data() + size_t(r) * w_row, cols);
+  }
+  const size_t packed_bytes = k->packed_bytes(t, rows, cols);
+  const int64_t n_mat = std::max<int64_t>(1, (total_bytes + int64_t(q.size()) - 1) / int64_t(q.size()));
+  std::vector<Buffer> packed;
+  for (int64_t m = 0; m < n_mat; m++) {
+    packed.emplace_back(packed_bytes);
+    k->pack(t, q.data(), rows, cols, packed.back().data());
+  }
+  std::vector<uint8_t> act(size_t(n_tok) * a_row);
+  for (int64_t i = 0; i < n_tok; i++) {
+    for (float& v : x) v = normal(rng);
+    quant_a(x.data(), act.data() + size_t(i) * a_row, cols);
+  }
+  std::vector<ActBlockInfo> info;
+  if (tk.uses_act_info) {
+    info.resize(size_t(n_tok * (cols / QK)));
+    for (int64_t i = 0; i < n_tok; i++)
+      act_block_info(at, act.data() + size_t(i) * a_row, cols / QK, info.data() + i * (cols / QK));
+  }
+  std::vector<float> out(size_t(n_tok * rows));
+  double best = 0.0;
+  for (int rep = 0; rep < reps; rep++) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t m = 0; m < n_mat; m++)
+      tk.gemm(cols, packed[m].data(), w_row, rows, act.data(), a_row,
+              info.empty() ? nullptr : info.data(), n_tok, out.data(), rows);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, double(q.size()) * double(n_mat) / s / 1e9);
+  }
+  return best;
+}
+
 class PyModel {
  public:
   PyModel(const py::dict& hparams, const py::dict& tensors, int64_t n_ctx, int n_threads,
@@ -367,6 +427,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("swiglu", &swiglu, py::arg("gate"), py::arg("up"), py::arg("isa") = "");
   m.def("read_bandwidth", &read_bandwidth, py::arg("nbytes"), py::arg("n_threads"),
         py::arg("reps") = 5, py::arg("isa") = "");
+  m.def("gemm_read_rate", &gemm_read_rate, py::arg("wtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("n_tok"), py::arg("total_bytes"), py::arg("reps") = 15, py::arg("isa") = "",
+        "One thread's GEMM read rate (GB/s of weight bytes) over total_bytes of packed matrices");
   m.def("axpy_f16", &axpy_f16, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("isa") = "");
   m.def("softmax", &softmax, py::arg("x"), py::arg("scale"), py::arg("isa") = "");
   m.def("mix_rows", &mix_rows, py::arg("v"), py::arg("w"), py::arg("isa") = "");

@@ -827,3 +827,30 @@ def test_random_model_keeps_existing_file(make_random_model: ModuleType, tmp_pat
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep"
     assert make_random_model.main([*CUSTOM, "-o", str(out), "--force"]) == 0
     assert open_model_file(out).config.n_layers == 2
+
+
+# ---- benchmarks/gemm_stream.py ---------------------------------------------------------------
+
+def test_gemm_stream_writes_a_rate_per_case(tmp_path: Path) -> None:
+    gemm_stream = import_script("gemm_stream")
+    assert gemm_stream.main(["--types", "Q4_0,Q6_K", "--tokens", "1,3", "--rounds", "2",
+                             "--memory-mib", "2", "--out-dir", str(tmp_path), "--name", "g"]) == 0
+    out = json.loads((tmp_path / "g.json").read_text())
+    cases = {(c["type"], c["n_tok"], c["where"]): c for c in out["cases"]}
+    assert set(cases) == {(t, n, w) for t in ("Q4_0", "Q6_K") for n in (1, 3)
+                          for w in ("memory", "cache")}
+    for c in cases.values():
+        assert len(c["gbs_rounds"]) == 2 and all(r > 0 for r in c["gbs_rounds"])
+        assert c["gbs_median"] == statistics.median(c["gbs_rounds"])
+        assert ("fraction_of_probe" in c) == (c["where"] == "memory")
+    assert out["probe_gbs_1thread"]["median"] > 0
+
+
+def test_gemm_read_rate_refuses_bad_shapes() -> None:
+    q4_0 = T.Q4_0.value
+    with pytest.raises(ValueError, match="multiple of 16"):
+        alpaca_cpu._core.gemm_read_rate(q4_0, 10, 64, 1, 1 << 20)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        alpaca_cpu._core.gemm_read_rate(q4_0, 16, 40, 1, 1 << 20)
+    with pytest.raises(ValueError, match="n_tok"):
+        alpaca_cpu._core.gemm_read_rate(q4_0, 16, 64, 0, 1 << 20)

@@ -833,6 +833,7 @@ def test_random_model_keeps_existing_file(make_random_model: ModuleType, tmp_pat
 
 def test_gemm_stream_writes_a_rate_per_case(tmp_path: Path) -> None:
     gemm_stream = import_script("gemm_stream")
+    gemm_stream.MATRIX, gemm_stream.CACHE_MATRIX = (256, 512), (16, 512)  # small: seconds less
     assert gemm_stream.main(["--types", "Q4_0,Q6_K", "--tokens", "1,3", "--rounds", "2",
                              "--memory-mib", "2", "--out-dir", str(tmp_path), "--name", "g"]) == 0
     out = json.loads((tmp_path / "g.json").read_text())

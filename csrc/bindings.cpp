@@ -137,6 +137,18 @@ static FloatArray dequantize(const ByteArray& x, int type, int64_t cols, const s
 
 // out[t, r] = dot(w row r, act row t) with the ISA's GEMM kernel; w (GGML rows, packed here
 // for the ISA as the model does at load) and act already in the pairing formats.
+// What Model::matmuls makes next to the activations for kernels that read it (act_block_info
+// of every token's row); empty otherwise.
+static std::vector<ActBlockInfo> act_infos(const TypeKernels& tk, GgmlType at, const uint8_t* act,
+                                           int64_t n_tok, size_t act_stride, int64_t cols) {
+  std::vector<ActBlockInfo> info;
+  if (!tk.uses_act_info) return info;
+  info.resize(size_t(n_tok * (cols / QK)));
+  for (int64_t i = 0; i < n_tok; i++)
+    act_block_info(at, act + i * act_stride, cols / QK, info.data() + i * (cols / QK));
+  return info;
+}
+
 static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int64_t cols,
                        const std::string& isa) {
   const GgmlType t = to_type(wtype);
@@ -160,13 +172,8 @@ static FloatArray gemm(int wtype, const ByteArray& w, const py::array& act, int6
   std::vector<uint8_t> packed(k->packed_bytes(t, n_rows, cols));
   k->pack(t, w.data(), n_rows, cols, packed.data());
   const size_t act_stride = size_t(act.shape(1) * act.itemsize());
-  std::vector<ActBlockInfo> info;  // what Model::matmuls makes next to the activations
-  if (tk.uses_act_info) {
-    info.resize(size_t(n_tok * (cols / QK)));
-    for (int64_t i = 0; i < n_tok; i++)
-      act_block_info(at, static_cast<const uint8_t*>(act.data()) + i * act_stride, cols / QK,
-                     info.data() + i * (cols / QK));
-  }
+  const std::vector<ActBlockInfo> info =
+      act_infos(tk, at, static_cast<const uint8_t*>(act.data()), n_tok, act_stride, cols);
   tk.gemm(cols, packed.data(), w.shape(1), n_rows, act.data(), act_stride,
           info.empty() ? nullptr : info.data(), n_tok, out.mutable_data(), n_rows);
   return out;
@@ -260,10 +267,16 @@ static double gemm_read_rate(int wtype, int64_t rows, int64_t cols, int64_t n_to
                              int64_t total_bytes, int reps, const std::string& isa) {
   const GgmlType t = to_type(wtype);
   const TypeTraits& tt = type_traits(t);
-  if (rows < 1 || rows % 16 != 0 || cols < 1 || cols % tt.block_size != 0 || n_tok < 1 ||
-      n_tok > 512 || total_bytes < 1 || reps < 1)
-    throw std::invalid_argument("gemm_read_rate: need rows a multiple of 16, cols a multiple of " +
-                                std::to_string(tt.block_size) + ", 1 <= n_tok <= 512, reps >= 1");
+  const auto refuse = [](const std::string& what) {
+    throw std::invalid_argument("gemm_read_rate: " + what);
+  };
+  if (rows < 16 || rows % 16 != 0)
+    refuse("rows " + std::to_string(rows) + " is not a positive multiple of 16 (the panel split)");
+  if (cols < 1 || cols % tt.block_size != 0)
+    refuse("cols " + std::to_string(cols) + " is not a positive multiple of " +
+           std::to_string(tt.block_size) + " (" + tt.name + ")");
+  if (n_tok < 1 || n_tok > 512) refuse("n_tok " + std::to_string(n_tok) + " is not in 1..512");
+  if (total_bytes < 1 || reps < 1) refuse("total_bytes and reps must be >= 1");
   const KernelTable* k = table(isa);
   const KernelTable* ref = kernels_for("scalar");
   const GgmlType at = tt.vec_dot_type;
@@ -292,12 +305,7 @@ static double gemm_read_rate(int wtype, int64_t rows, int64_t cols, int64_t n_to
     for (float& v : x) v = normal(rng);
     quant_a(x.data(), act.data() + size_t(i) * a_row, cols);
   }
-  std::vector<ActBlockInfo> info;
-  if (tk.uses_act_info) {
-    info.resize(size_t(n_tok * (cols / QK)));
-    for (int64_t i = 0; i < n_tok; i++)
-      act_block_info(at, act.data() + size_t(i) * a_row, cols / QK, info.data() + i * (cols / QK));
-  }
+  const std::vector<ActBlockInfo> info = act_infos(tk, at, act.data(), n_tok, a_row, cols);
   std::vector<float> out(size_t(n_tok * rows));
   double best = 0.0;
   for (int rep = 0; rep < reps; rep++) {

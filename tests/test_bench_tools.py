@@ -849,9 +849,9 @@ def test_gemm_stream_writes_a_rate_per_case(tmp_path: Path) -> None:
 
 def test_gemm_read_rate_refuses_bad_shapes() -> None:
     q4_0 = T.Q4_0.value
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="rows 10 is not a positive multiple of 16"):
         alpaca_cpu._core.gemm_read_rate(q4_0, 10, 64, 1, 1 << 20)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match=r"cols 40 is not a positive multiple of 32 \(Q4_0\)"):
         alpaca_cpu._core.gemm_read_rate(q4_0, 16, 40, 1, 1 << 20)
-    with pytest.raises(ValueError, match="n_tok"):
+    with pytest.raises(ValueError, match="n_tok 0 is not in 1..512"):
         alpaca_cpu._core.gemm_read_rate(q4_0, 16, 64, 0, 1 << 20)
